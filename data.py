@@ -270,12 +270,12 @@ class ImageFolder(_Photos):
         if not items:
             raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) under {root}")
         super().__init__([p for p, _ in items], image_size)
-        self.targets = [c for _, c in items]
+        self.labels = [c for _, c in items]
         self.classes, self.num_classes = classes, len(classes)
 
     def __getitem__(self, i):
         x, j = self.load(i)
-        return x, self.targets[j], ""
+        return x, self.labels[j], ""
 
 
 class Coco(_Photos):
@@ -298,6 +298,7 @@ class Coco(_Photos):
             raise UsageError(f"{ann} lists no captioned images")
         super().__init__([str(Path(root) / year_split / f) for _, f in images], image_size)
         self.captions = [captions[i] for i, _ in images]
+        self.labels = [-1] * len(images)
 
     def __getitem__(self, i):
         x, j = self.load(i)

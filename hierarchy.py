@@ -1,0 +1,381 @@
+"""The latent hierarchy: per-level encoder features, SVD channel reduction, normalisation, σ-noise, cache.
+
+Paper §3.3 and §4.1 (shared/paper.md §2). For a depth-L model the levels, top-down, are
+
+    z_L: 1×1 grid, z_{L-1}: 2×2, z_{L-2}: 4×4, z_{L-3}: 8×8, ..., z_1 = x (pixels or SD-VAE latents)
+
+Latent level l is the frozen encoder run on the M×M crop grid C(x, M), M = 2^(L-l) (§4.1), or, where a
+crop would be smaller than ``min_crop`` pixels, its token map pooled to M×M (§4.1: "64×64 px").
+Channels are cut by SVD (PCA, centred, one basis per grid size, fitted on training features): the top
+keeps min(256, D/2) channels (paper: CLIP 512 -> 256) and each finer level halves them while the grid
+doubles, so the total dimension grows linearly (§3.3). Each level is then divided by one global scalar
+so that E[z²] = 1 per element: σ is absolute, so the scale matters (shared/paper.md §2.4).
+
+Conditioning latents are made lossy with Gaussian noise (§3.3/§4.2): in training ẑ = z + σ ε; when
+sampling with guidance ẑ ~ N(z, (t/T)^γ σ² I) (the variance form of §4.2; Table 3 uses γ = 0.3).
+
+The cache holds the raw encoder features of every grid (float16, memory-mapped, one array per split
+and grid), labels and captions, and the PCA of each grid; the reduction is applied when a level is
+read, so changing channel counts never re-runs the encoder. With ``--image-space sd-vae`` the bottom
+level is the SD-VAE latent (diffusers' AutoencoderKL, scale 0.18215), its posterior moments cached too.
+
+    python hierarchy.py --data glyphs --depth 5
+"""
+import argparse
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import data
+from denoiser import token_patch
+
+VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet)
+PCA_FIT_VECTORS = 200_000  # feature vectors (grid cells) used to fit each level's basis
+# σ_l per latent grid for each conditioning mode (shared/paper.md §2.5, Table 1 argmins, COCO: 0.5)
+SIGMAS = {"none": {1: 0.0, 2: 0.5, 4: 0.5, 8: 1.0},
+          "class": {1: 0.5, 2: 0.5, 4: 1.0, 8: 1.0},
+          "text": {1: 0.5, 2: 0.5, 4: 0.5, 8: 0.5}}
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the hierarchy: a ``grid``×``grid`` map of ``channels`` (the image level has ``image=True``)."""
+    grid: int
+    channels: int
+    patch: int
+    image: bool = False
+
+    @property
+    def shape(self):
+        return (self.channels, self.grid, self.grid)
+
+    @property
+    def name(self):
+        return f"image{self.channels}x{self.grid}" if self.image else f"z{self.grid}x{self.grid}c{self.channels}"
+
+
+def latent_channels(grid, enc_dim):
+    """Channels kept at an M×M level: min(256, D/2) at the top, halved per doubling of M (paper §2.2)."""
+    return max(1, min(256, enc_dim // 2) // grid)
+
+
+def level_specs(depth, enc_dim, image_shape, image_patch):
+    """The ``depth`` levels, top-down: latent grids 1, 2, 4, ... then the image level ``image_shape`` (C, H, W)."""
+    grids = [2 ** k for k in range(depth - 1)]
+    latents = [Level(m, latent_channels(m, enc_dim), token_patch(m)) for m in grids]
+    return latents + [Level(image_shape[1], image_shape[0], image_patch, image=True)]
+
+
+def sigma_for(grid, cond, sigmas=None):
+    """σ of a conditioning level (absolute, on unit-RMS latents); grids finer than 8×8 reuse the 8×8 value."""
+    table = sigmas or SIGMAS[cond]
+    return table.get(grid, table[max(g for g in table if g <= grid)])
+
+
+def noise_train(z, sigma, generator=None, eps=None):
+    """Training-time corruption of a condition: ẑ = z + σ ε (paper §3.3); ε drawn here unless given."""
+    if eps is None:
+        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    return z + sigma * eps
+
+
+def noise_sample(z, sigma, t, T, gamma, generator=None):
+    """Sampling-time condition noise ẑ ~ N(z, (t/T)^γ σ² I) (paper §4.2, Table 3); γ = inf means clean."""
+    if sigma == 0 or math.isinf(gamma):
+        return z
+    std = sigma * (t.float() / T).pow(gamma / 2).view(-1, *([1] * (z.dim() - 1)))  # (B, 1, 1, 1)
+    return z + std * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SVD channel reduction with unit-RMS normalisation
+# ----------------------------------------------------------------------------------------------------
+
+def fit_pca(vectors):
+    """Centred SVD of (N, D) feature vectors: mean (D,), basis (D, D) with orthonormal columns, variances (D,)."""
+    x = torch.as_tensor(vectors, dtype=torch.float64)
+    mean = x.mean(0)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)                # vh: (D, D)
+    return {"mean": mean.numpy(), "basis": vh.T.numpy(), "variance": (s ** 2 / len(x)).numpy()}
+
+
+class Reduction:
+    """z = (f - μ) V_k / s_k for a grid's features f (B, D, M, M) -> (B, k, M, M); s_k makes E[z²] = 1."""
+
+    def __init__(self, pca, k):
+        self.k = k
+        self.mean = torch.as_tensor(pca["mean"], dtype=torch.float32)                  # (D,)
+        self.basis = torch.as_tensor(pca["basis"][:, :k], dtype=torch.float32)         # (D, k)
+        self.scale = float(np.sqrt(pca["variance"][:k].mean()))
+        self.kept = float(pca["variance"][:k].sum() / pca["variance"].sum())           # variance fraction kept
+
+    def __call__(self, f):
+        f = torch.as_tensor(f, dtype=torch.float32).movedim(1, -1)                     # (B, M, M, D)
+        return ((f - self.mean) @ self.basis / self.scale).movedim(-1, 1)              # (B, k, M, M)
+
+    def inverse(self, z):
+        return (z.movedim(1, -1) * self.scale @ self.basis.T + self.mean).movedim(-1, 1)  # (B, D, M, M)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------------
+
+def load_vae(name, device="cpu"):
+    """diffusers' AutoencoderKL by model id or local folder (the SD-VAE bottom level)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise data.UsageError("--image-space sd-vae needs diffusers: pip install diffusers") from e
+    try:
+        return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
+    except (OSError, ValueError) as e:
+        raise data.UsageError(f"cannot load the SD-VAE {name!r} ({str(e).splitlines()[0]}); "
+                              "pass --vae a local diffusers folder or a model id reachable online") from e
+
+
+def data_tag(name):
+    """A folder-safe name for a dataset (folder:PATH becomes folder-<hash of PATH>)."""
+    return name if not name.startswith("folder:") else "folder-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+
+
+def make_encoder(args, device=None):
+    """The frozen encoder named by --clip/--pretrained; "random" gives seeded untrained weights (ablations, tests)."""
+    from encoder import Encoder  # open_clip is imported only where an encoder is needed
+    if args.pretrained != "random":
+        return Encoder(args.clip, args.pretrained, device or args.device)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Encoder(args.clip, None, device or args.device)
+
+
+def cache_name(args):
+    """Folder name that identifies everything the cached features depend on."""
+    tag = data_tag(args.data)
+    weights = Path(args.pretrained).stem if Path(args.pretrained).exists() else args.pretrained
+    vae = f"-vae{hashlib.sha1(args.vae.encode()).hexdigest()[:6]}" if args.image_space == "sd-vae" else ""
+    return f"{tag}-{args.image_size}px-{args.clip}-{weights}-crop{args.min_crop}{vae}"
+
+
+class Hierarchy:
+    """A latent cache folder: per-split raw features per grid, labels, captions, PCA per grid."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.exists():
+            raise data.UsageError(f"no latent cache at {self.root}; build it with python hierarchy.py --data ...")
+        self.meta = json.loads(meta_path.read_text())
+        self.enc_dim, self.image_shape = self.meta["enc_dim"], tuple(self.meta["image_shape"])
+        self.pca = {int(m): dict(np.load(self.root / f"pca-{m}.npz")) for m in self.meta["grids"]}
+
+    def levels(self, depth, image_patch):
+        return level_specs(depth, self.enc_dim, self.image_shape, image_patch)
+
+    def reduction(self, level):
+        return Reduction(self.pca[level.grid], level.channels)
+
+    def features(self, split, grid):
+        return np.load(self.root / f"{split}-{grid}.npy", mmap_mode="r")             # (N, D, M, M) float16
+
+    def labels(self, split):
+        return np.load(self.root / f"{split}-labels.npy")
+
+    def captions(self, split):
+        return json.loads((self.root / f"{split}-captions.json").read_text())
+
+
+def _write_array(path, shape, dtype, batches):
+    """Stream batches into a .npy memmap (written to a temp name, renamed when complete)."""
+    tmp = path.with_name(path.name + ".tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    i = 0
+    for b in batches:
+        out[i:i + len(b)] = b
+        i += len(b)
+    out.flush()
+    del out
+    tmp.replace(path)
+
+
+def build_cache(args, encoder=None, vae=None):
+    """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy."""
+    root = Path(args.cache_dir) / cache_name(args)
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    grids = [2 ** k for k in range(args.depth - 1)]
+    todo = [m for m in grids if m not in meta.get("grids", [])]
+    need_vae = args.image_space == "sd-vae" and not meta.get("vae")
+    if meta and not todo and not need_vae:
+        return Hierarchy(root)
+    root.mkdir(parents=True, exist_ok=True)
+    encoder = encoder or make_encoder(args)
+    vae = vae or (load_vae(args.vae, args.device) if need_vae else None)
+    for split in ("train", "test"):
+        ds = data.build_dataset(args.data, split, args.image_size, args.data_path, args.data_dir)
+        if not meta:  # labels and captions once per split
+            np.save(root / f"{split}-labels.npy", np.asarray(ds.labels, dtype=np.int64))
+            caps = ds.captions if ds.has_captions else [""] * len(ds)
+            caps = [c if isinstance(c, list) else [c] for c in caps]
+            (root / f"{split}-captions.json").write_text(json.dumps(caps, ensure_ascii=False))
+        _encode_split(ds, split, root, todo, encoder, vae if need_vae else None, args)
+    for m in todo:
+        pca = fit_pca(_sample_vectors(np.load(root / f"train-{m}.npy", mmap_mode="r"), args.seed))
+        np.savez(root / f"pca-{m}.npz", **pca)
+    x0 = ds[0][0]
+    image_shape = list(x0.shape) if args.image_space == "pixels" else [4, x0.shape[1] // 8, x0.shape[2] // 8]
+    meta = {"grids": sorted(set(meta.get("grids", [])) | set(todo)), "enc_dim": encoder.dim,
+            "num_classes": ds.num_classes, "has_captions": ds.has_captions,
+            "image_shape": image_shape, "image_space": args.image_space, "vae": bool(meta.get("vae") or need_vae),
+            "args": {k: getattr(args, k) for k in ("data", "image_size", "clip", "pretrained", "min_crop", "vae")}}
+    data._atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    return Hierarchy(root)
+
+
+def _sample_vectors(feats, seed):
+    """Up to PCA_FIT_VECTORS grid-cell vectors (rows of D) from (N, D, M, M) features."""
+    n, d, m, _ = feats.shape
+    images = min(n, max(1, PCA_FIT_VECTORS // (m * m)))
+    pick = np.sort(np.random.default_rng(seed).choice(n, images, replace=False))
+    return np.asarray(feats[pick], dtype=np.float32).transpose(0, 2, 3, 1).reshape(-1, d)
+
+
+@torch.no_grad()
+def _encode_split(ds, split, root, grids, encoder, vae, args):
+    """One pass over a split: raw features of every grid in ``grids`` (and VAE moments) into .npy files."""
+    loader = DataLoader(ds, batch_size=args.encode_batch, num_workers=args.workers)
+    outs = {m: [] for m in grids}
+    moments = []
+    for x, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
+        x = x.to(args.device)
+        for m in grids:
+            outs[m].append(encoder.level_features(x, m, args.min_crop).half().cpu().numpy())   # (B, D, m, m)
+        if vae is not None:
+            dist = vae.encode(x.expand(-1, 3, -1, -1)).latent_dist
+            moments.append(torch.cat([dist.mean, dist.std], 1).half().cpu().numpy())          # (B, 8, h, w)
+    for m in grids:
+        feats = outs[m]
+        _write_array(root / f"{split}-{m}.npy", (len(ds), *feats[0].shape[1:]), np.float16, feats)
+    if vae is not None:
+        _write_array(root / f"{split}-vae.npy", (len(ds), *moments[0].shape[1:]), np.float16, moments)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training data: a target level and all the levels above it
+# ----------------------------------------------------------------------------------------------------
+
+class LevelData(Dataset):
+    """(target (C,M,M), [clean condition levels top-down], class id, caption) for one level of one split.
+
+    ``levels`` is top-down and ends with the target. The σ-noise is added by the training loop, not here,
+    so the cache and this dataset stay deterministic (but for SD-VAE posterior sampling and caption choice).
+    """
+
+    def __init__(self, hier, split, levels, base=None):
+        self.hier, self.levels = hier, levels
+        self.labels, self.captions = hier.labels(split), hier.captions(split)
+        self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
+        self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
+        self.vae = hier.root / f"{split}-vae.npy" if hier.meta["image_space"] == "sd-vae" else None
+        self.vae = np.load(self.vae, mmap_mode="r") if self.vae and levels[-1].image else None
+        self.base = base  # the image dataset, when the target is the image level in pixel space
+
+    def __len__(self):
+        return len(self.labels)
+
+    def level(self, lv, i):
+        if not lv.image:
+            return self.reduce[lv.grid](self.feats[lv.grid][i:i + 1].astype(np.float32))[0]   # (C, M, M)
+        if self.vae is not None:
+            mean, std = torch.from_numpy(self.vae[i].astype(np.float32)).chunk(2)              # (4, h, w) each
+            return (mean + std * torch.randn_like(std)) * VAE_SCALE
+        return self.base[i][0]                                                                  # (C, H, W)
+
+    def __getitem__(self, i):
+        zs = [self.level(lv, i) for lv in self.levels]
+        return zs[-1], zs[:-1], int(self.labels[i]), random.choice(self.captions[i])
+
+
+def encode_image(hier, encoder, x, levels, min_crop, vae=None):
+    """The clean latents of real images x (B, C, H, W) in [-1, 1] at each of ``levels`` (for resampling)."""
+    out = []
+    for lv in levels:
+        if not lv.image:
+            out.append(hier.reduction(lv)(encoder.level_features(x, lv.grid, min_crop).float()))
+        elif vae is not None:
+            out.append(vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean * VAE_SCALE)
+        else:
+            out.append(x)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line (shared with train.py and sample.py)
+# ----------------------------------------------------------------------------------------------------
+
+def add_hierarchy_args(p):
+    """The flags that define a latent cache: the same in hierarchy.py, train.py and sample.py."""
+    p.add_argument("--data", default="glyphs", help=f"dataset: {', '.join(data.DATASETS)}")
+    p.add_argument("--data-path", default=None, help="root of imagenet (train/, val/) or coco (train2014/, annotations/)")
+    p.add_argument("--data-dir", default="data", help="where the glyph dataset cache lives")
+    p.add_argument("--image-size", type=int, default=None, help="image size in pixels (default: 32 for glyphs, else 256)")
+    p.add_argument("--clip", default=None, help="open_clip model name (default: glyph-clip for glyphs, else ViT-B-16)")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip weights: a tag (needs internet), a local file, or random "
+                        "(default: checkpoints/glyph-clip.pt for glyphs, else laion2b_s34b_b88k)")
+    p.add_argument("--min-crop", type=int, default=64,
+                   help="smallest crop (px) encoded on its own; finer grids pool the token map (paper: 64 at 256px)")
+    p.add_argument("--image-space", choices=("pixels", "sd-vae"), default=None,
+                   help="bottom level: pixels, or SD-VAE latents (default: pixels for glyphs, else sd-vae)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="diffusers AutoencoderKL id or local folder")
+    p.add_argument("--cache-dir", default="cache", help="where latent caches are written")
+    p.add_argument("--encode-batch", type=int, default=256, help="images per batch when building the cache")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes for encoding")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the encoder")
+    p.add_argument("--seed", type=int, default=0, help="seed for the PCA fit subsample")
+    return p
+
+
+def resolve_defaults(args):
+    """Fill the dataset-dependent defaults of add_hierarchy_args in place."""
+    glyphs = args.data == "glyphs"
+    args.image_size = args.image_size or (32 if glyphs else 256)
+    args.clip = args.clip or ("glyph-clip" if glyphs else "ViT-B-16")
+    args.pretrained = args.pretrained or ("checkpoints/glyph-clip.pt" if args.clip == "glyph-clip" else "laion2b_s34b_b88k")
+    args.image_space = args.image_space or ("pixels" if glyphs else "sd-vae")
+    if args.clip == "glyph-clip" and args.pretrained != "random" and not Path(args.pretrained).exists():
+        raise data.UsageError(f"glyph CLIP weights {args.pretrained} not found; "
+                              "train them with python encoder.py --train --data glyphs")
+    return args
+
+
+def main(args):
+    resolve_defaults(args)
+    start = time.time()
+    hier = build_cache(args)
+    print(f"latent cache {hier.root} ({time.time() - start:.1f}s)")
+    print(f"{'level':>6} {'name':>14} {'shape':>14} {'tokens':>6} {'variance kept':>14}")
+    for k, lv in enumerate(hier.levels(args.depth, image_patch=1)):
+        kept = "" if lv.image else f"{hier.reduction(lv).kept:14.3f}"
+        tokens = "" if lv.image else (lv.grid // lv.patch) ** 2
+        print(f"{args.depth - k:>6} {lv.name:>14} {str(lv.shape):>14} {tokens:>6} {kept}")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_hierarchy_args(p)
+    p.add_argument("--depth", type=int, default=5, help="number of levels L (the paper's main model: 5)")
+    return p
+
+
+if __name__ == "__main__":
+    data.run_main(main, get_parser().parse_args())

@@ -1,0 +1,225 @@
+"""Cascaded sampling from a nested diffusion model, top level first, with per-level CFG and γ-noise.
+
+Paper §4.2 (shared/paper.md §5): z_L ~ p(z_L), then z_l ~ p(z_l | z_{>l}) for l = L-1 … 1, each level
+conditioned on every level generated above it (non-Markovian); the image level is decoded by the
+SD-VAE when it holds VAE latents. Without guidance the conditions are used clean; with guidance
+(ε̃ = ε_c + w(ε_c − ε_u), per-level weights, larger on top) they are noised as
+ẑ ~ N(z, (t/T)^γ σ² I), γ = 0.3 (Table 3). Paper defaults: unconditional w = 0.8, class-conditional
+[0.5, 0.4, 0.3, 0.2, 0.1] top-down, text 1.0.
+
+``--reference IMAGE --keep K`` is the paper's Fig. 1: encode a real image through the hierarchy, keep its
+top K latent levels, resample the rest.
+
+    python sample.py --depth 5
+    python sample.py --depth 3 --run runs/glyphs --reference glyph:水 --keep 2
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+import hierarchy as H
+import train
+from diffusion import SAMPLERS, Diffusion
+
+CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding and loading the levels of a depth-L model
+# ----------------------------------------------------------------------------------------------------
+
+def find_levels(run, depth, cond, model=None):
+    """The run folders of levels L … 1 of a depth-L model, top-down (matched on what each level generates
+    and is conditioned on, so levels shared with shallower models are found too)."""
+    metas = [json.loads(p.read_text()) | {"dir": str(p.parent)} for p in sorted(Path(run).glob("*/meta.json"))]
+    metas = [m for m in metas if m["cond"] == cond and (model is None or m["model"] == model)]
+    found = []
+    for level in range(depth, 0, -1):
+        grids = [2 ** k for k in range(depth - level)]
+        image = level == 1
+        match = [m for m in metas if m["cond_grids"] == grids and m["target_image"] == image
+                 and (image or m["target"][1] == 2 ** (depth - level))]
+        if not match:
+            data_name = metas[0]["data"] if metas else "glyphs"
+            raise data.UsageError(f"level {level} of depth {depth} ({cond}) is not trained in {run}; train it with "
+                                  f"python train.py --level {level} --depth {depth} --data {data_name} --cond {cond}")
+        if len(match) > 1:
+            raise data.UsageError(f"level {level} has {len(match)} trained versions in {run} "
+                                  f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --model")
+        found.append(match[0])
+    return found
+
+
+def load_level(meta, device, use_ema=True):
+    """(denoiser in eval mode, its Diffusion) from a level's run folder."""
+    state = train.load_checkpoint(Path(meta["dir"]) / "ckpt.pt")
+    model = train.build_model(meta)
+    model.load_state_dict(state["ema" if use_ema else "model"])
+    return model.to(device).eval(), Diffusion(meta["schedule"], meta["T"])
+
+
+def cfg_weights(cfg, cond, depth):
+    """Guidance weight of each level, top-down: one value for all, or a list (the first ``depth`` entries)."""
+    w = cfg if cfg is not None else CFG_DEFAULTS[cond]
+    w = w * depth if len(w) == 1 else w
+    if len(w) < depth:
+        raise data.UsageError(f"--cfg gives {len(w)} weights for {depth} levels; give one, or one per level top-down")
+    return w[:depth]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+
+def level_eps(model, conds, sigmas, y, text, w, gamma, T, generator):
+    """ε(x_t, t) of one level: plain with clean conditions when w = 0, else CFG on γ-noised conditions."""
+    def eps(x, t):
+        if w == 0 or not model.has_conditions:
+            return model(x, t, conds, y, text)
+        noisy = [H.noise_sample(z, s, t, T, gamma, generator) for z, s in zip(conds, sigmas)]
+        return model.forward_with_cfg(x, t, noisy, y, text, w)
+    return eps
+
+
+@torch.no_grad()
+def sample_batch(levels, weights, n, args, device, generator, y=None, text=None, kept=()):
+    """Generate one batch top-down; ``kept`` are fixed top latents (B, C, M, M). Returns the list of levels
+    and the seconds spent per level."""
+    zs, seconds = list(kept), []
+    for k, (model, diffusion, meta) in enumerate(levels):
+        start = time.time()
+        if k >= len(kept):
+            eps = level_eps(model, zs, meta["sigmas"], y, text, weights[k], args.gamma, diffusion.T, generator)
+            clip = 1.0 if meta["target_image"] and meta["image_space"] == "pixels" else None
+            zs.append(diffusion.sample(eps, (n, *meta["target"]), args.steps, args.sampler, args.eta, generator,
+                                       clip=clip, device=device))
+        seconds.append(time.time() - start)
+    return zs, seconds
+
+
+def decode(z, meta, vae):
+    """Image level -> images in [-1, 1] (the SD-VAE decoder for VAE latents)."""
+    return z.clamp(-1, 1) if vae is None else vae.decode(z / H.VAE_SCALE).sample.clamp(-1, 1)
+
+
+def load_reference(spec, meta, image_size):
+    """A reference image (1, C, H, W) in [-1, 1]: a file, or glyph:CHAR for a character of the glyph set."""
+    channels = meta["target"][0] if meta["image_space"] == "pixels" else 3
+    if spec.startswith("glyph:"):
+        for split in ("train", "test"):
+            ds = data.build_dataset("glyphs", split, image_size)
+            if spec[6:] in ds.chars:
+                return ds[ds.chars.index(spec[6:])][0][None]
+        raise data.UsageError(f"{spec[6:]!r} is not in the glyph set; pass a character from it or an image file")
+    try:
+        with Image.open(spec) as img:
+            arr = data.center_crop_arr(img.convert("L" if channels == 1 else "RGB"), image_size)
+    except (OSError, ValueError) as e:
+        raise data.UsageError(f"cannot read reference image {spec} ({e})") from e
+    x = torch.from_numpy(np.asarray(arr, dtype=np.float32) / 127.5 - 1)
+    return (x[None] if x.dim() == 2 else x.permute(2, 0, 1))[None]
+
+
+def save_labelled_grid(images, path, label):
+    """The sample grid, with the prompt or class written above it when given."""
+    data.save_grid(images, path, nrow=int(math.ceil(math.sqrt(len(images)))))
+    if label:
+        grid = Image.open(path).convert("RGB")
+        out = Image.new("RGB", (grid.width, grid.height + 14), "white")
+        out.paste(grid, (0, 14))
+        ImageDraw.Draw(out).text((2, 1), label[:grid.width // 6], fill="black")
+        out.save(path)
+
+
+def main(args):
+    device = torch.device(args.device)
+    metas = find_levels(args.run, args.depth, args.cond, args.model)
+    if args.prompt is not None and args.cond != "text":
+        raise data.UsageError(f"--prompt needs a text-conditional model (--cond text); this one is --cond {args.cond}")
+    if args.class_id is not None and args.cond != "class":
+        raise data.UsageError(f"--class needs a class-conditional model (--cond class); this one is --cond {args.cond}")
+    if not 0 <= args.keep < args.depth:
+        raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
+    weights = cfg_weights(args.cfg, args.cond, args.depth)
+    levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]
+    hier = H.Hierarchy(metas[0]["cache"])
+    cache_args = argparse.Namespace(**{**hier.meta["args"], "device": args.device})
+    vae = H.load_vae(cache_args.vae, device) if hier.meta["image_space"] == "sd-vae" else None
+    needs_encoder = args.cond == "text" or args.reference
+    encoder = H.make_encoder(cache_args, device) if needs_encoder else None
+    kept = []
+    if args.reference:
+        x_ref = load_reference(args.reference, metas[-1], cache_args.image_size).to(device)
+        ref_levels = hier.levels(args.depth, metas[-1]["patch"])[:args.keep]
+        kept = H.encode_image(hier, encoder, x_ref, ref_levels, cache_args.min_crop, vae)
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    captions = hier.captions("test")
+    images, seconds = [], np.zeros(args.depth)
+    for start in tqdm(range(0, args.n, args.batch), desc=f"sample depth {args.depth}", unit="batch"):
+        n = min(args.batch, args.n - start)
+        y = text = None
+        if args.cond == "class":
+            y = torch.full((n,), args.class_id, device=device) if args.class_id is not None else \
+                torch.randint(0, metas[0]["num_classes"], (n,), generator=generator, device=device)
+        if args.cond == "text":
+            prompts = [args.prompt] * n if args.prompt is not None else \
+                [captions[(start + i) % len(captions)][0] for i in range(n)]
+            text = encoder.encode_text(prompts)
+        zs, secs = sample_batch(levels, weights, n, args, device, generator, y, text,
+                                [z.expand(n, *z.shape[1:]) for z in kept])
+        images.append(data.to_uint8(decode(zs[-1], metas[-1], vae)))
+        seconds += secs
+
+    images = np.concatenate(images)                                                   # (N, H, W, C) uint8
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"depth{args.depth}-{args.cond}" + (f"-keep{args.keep}" if args.reference else "")
+    np.savez(out / f"{name}.npz", arr_0=np.repeat(images, 3, -1) if images.shape[-1] == 1 else images)
+    grid = images[:64]
+    if args.reference:
+        grid = np.concatenate([data.to_uint8(x_ref.cpu()), grid[:63]])
+    label = args.prompt or (f"class {args.class_id}" if args.class_id is not None else "")
+    save_labelled_grid(grid, out / f"{name}.png", label)
+    for k, s in enumerate(seconds):
+        print(f"level {args.depth - k}: {s:.1f}s")
+    print(f"wrote {len(images)} samples to {out / name}.npz and a grid to {out / name}.png")
+    return out / f"{name}.npz"
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--depth", type=int, default=5, help="number of levels L")
+    p.add_argument("--run-dir", "--run", dest="run", default="runs/glyphs", help="folder of trained levels (train.py --run-dir)")
+    p.add_argument("--cond", choices=train.CONDS, default="none", help="which trained family to sample")
+    p.add_argument("--model", default=None, help="denoiser size, when a level was trained at several sizes")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--batch", type=int, default=64, help="samples per batch")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps per level")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="DDIM (Song et al. Eq. 12) or DDPM ancestral")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    p.add_argument("--cfg", type=float, nargs="+", default=None,
+                   help="guidance weight, one for all levels or one per level top-down "
+                        "(default: none 0.8; class 0.5 0.4 0.3 0.2 0.1; text 1.0); 0 = no guidance")
+    p.add_argument("--gamma", type=float, default=0.3, help="decay of the condition noise under guidance (inf: clean)")
+    p.add_argument("--class", dest="class_id", type=int, default=None, help="class id for a class-conditional model")
+    p.add_argument("--prompt", default=None, help="text for a text-conditional model")
+    p.add_argument("--reference", default=None, help="an image file, or glyph:CHAR, to resample (paper Fig. 1)")
+    p.add_argument("--keep", type=int, default=1, help="with --reference: top latent levels kept from it")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
+    p.add_argument("--out", default="samples", help="output folder for the .png grid and the .npz")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    return p
+
+
+if __name__ == "__main__":
+    data.run_main(main, get_parser().parse_args())

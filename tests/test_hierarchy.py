@@ -1,0 +1,156 @@
+"""Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import encoder as enc
+import hierarchy as H
+
+TINY = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+enc.register_model_config("tiny-clip", TINY)
+
+
+def test_level_specs_paper_layout():
+    for dim in (512, 768):  # CLIP ViT-B/16 and MoCo-v3 ViT-B/16 both give the paper's 256/128/64/32
+        levels = H.level_specs(5, dim, (4, 32, 32), image_patch=2)
+        assert [lv.shape for lv in levels] == [(256, 1, 1), (128, 2, 2), (64, 4, 4), (32, 8, 8), (4, 32, 32)]
+        assert [(lv.grid // lv.patch) ** 2 for lv in levels[:-1]] == [1, 4, 4, 16]
+    assert [lv.channels for lv in H.level_specs(5, 128, (1, 32, 32), 4)] == [64, 32, 16, 8, 1]
+    assert H.level_specs(1, 512, (4, 32, 32), 2) == [H.Level(32, 4, 2, image=True)]
+
+
+def test_sigma_defaults():
+    assert [H.sigma_for(m, "none") for m in (1, 2, 4, 8, 16)] == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert [H.sigma_for(m, "class") for m in (1, 2, 4, 8)] == [0.5, 0.5, 1.0, 1.0]
+    assert H.sigma_for(4, "text") == 0.5
+
+
+def test_reduction_matches_numpy_svd_and_is_unit_rms():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(2000, 12)) @ rng.normal(size=(12, 12)) + 3.0    # correlated, off-centre
+    pca = H.fit_pca(f)
+    basis = pca["basis"]
+    np.testing.assert_allclose(basis.T @ basis, np.eye(12), atol=1e-10)  # orthonormal
+    k = 5
+    red = H.Reduction(pca, k)
+    feats = torch.tensor(f, dtype=torch.float32).view(2000, 12, 1, 1)     # (N, D, 1, 1): a 1×1 level
+    z = red(feats)
+    assert z.shape == (2000, k, 1, 1)
+    assert abs(z.pow(2).mean().item() - 1) < 1e-3                          # unit RMS on the fit data
+    u, s, vt = np.linalg.svd(f - f.mean(0), full_matrices=False)           # rank-k reconstruction
+    recon = (u[:, :k] * s[:k]) @ vt[:k] + f.mean(0)
+    np.testing.assert_allclose(red.inverse(z).view(2000, 12).numpy(), recon, atol=1e-3)
+    assert red.kept == pytest.approx((s[:k] ** 2).sum() / (s ** 2).sum())
+
+
+def test_reduction_on_grid_is_per_cell():
+    rng = np.random.default_rng(1)
+    pca = H.fit_pca(rng.normal(size=(500, 6)))
+    red = H.Reduction(pca, 3)
+    feats = torch.randn(2, 6, 4, 4)
+    z = red(feats)                                                          # (2, 3, 4, 4)
+    cell = red(feats[:, :, 1, 2].reshape(2, 6, 1, 1))[:, :, 0, 0]
+    torch.testing.assert_close(z[:, :, 1, 2], cell)
+
+
+def test_training_noise_statistics():
+    z = torch.full((200_000,), 2.0)
+    g = torch.Generator().manual_seed(0)
+    zh = H.noise_train(z, 0.5, g)
+    assert abs(zh.mean().item() - 2.0) < 0.01 and abs(zh.std().item() - 0.5) < 0.01
+    assert torch.equal(H.noise_train(z, 0.0), z)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 2.0])
+def test_sampling_noise_variance_form(gamma):
+    T, sigma = 1000, 1.0
+    t = torch.tensor([250] * 100_000 + [1000] * 100_000)
+    z = torch.zeros(200_000, 1)
+    zh = H.noise_sample(z, sigma, t, T, gamma, torch.Generator().manual_seed(0))
+    var = zh[:100_000].var().item()
+    assert var == pytest.approx((250 / T) ** gamma * sigma ** 2, rel=0.03)  # variance (t/T)^γ σ²
+    assert zh[100_000:].var().item() == pytest.approx(sigma ** 2, rel=0.03)
+    assert torch.equal(H.noise_sample(z, sigma, t, T, math.inf), z)      # γ = ∞: clean
+
+
+def _folder(tmp_path, n=25, size=32):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{k}.png")
+    return f"folder:{tmp_path / 'imgs'}"
+
+
+def _args(tmp_path, name, depth, **kw):
+    args = H.get_parser().parse_args(["--data", name, "--image-size", "32", "--clip", "tiny-clip",
+                                      "--min-crop", "16", "--cache-dir", str(tmp_path / "cache"),
+                                      "--encode-batch", "16", "--depth", str(depth), "--device", "cpu"])
+    args.pretrained, args.image_space = "random", "pixels"
+    vars(args).update(kw)
+    return args
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    return H.make_encoder(_args(tmp_path_factory.mktemp("x"), "glyphs", 2))
+
+
+def test_cache_round_trip_and_reuse(tmp_path, tiny_encoder):
+    name = _folder(tmp_path)
+    hier = H.build_cache(_args(tmp_path, name, 2), encoder=tiny_encoder)
+    assert hier.meta["grids"] == [1]
+    pca_file = hier.root / "pca-1.npz"
+    stamp = pca_file.stat().st_mtime_ns
+    hier = H.build_cache(_args(tmp_path, name, 4), encoder=tiny_encoder)   # adds grids 2 (crops) and 4 (token map)
+    assert hier.meta["grids"] == [1, 2, 4] and pca_file.stat().st_mtime_ns == stamp
+    import data
+    ds = data.build_dataset(name, "train", 32)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    for m in (1, 2, 4):
+        cached = torch.from_numpy(hier.features("train", m)[:4].astype(np.float32))
+        torch.testing.assert_close(cached, tiny_encoder.level_features(x, m, 16), atol=2e-2, rtol=2e-3)
+    levels = hier.levels(4, image_patch=4)
+    assert [lv.shape for lv in levels] == [(32, 1, 1), (16, 2, 2), (8, 4, 4), (3, 32, 32)]
+    item = H.LevelData(hier, "train", levels, base=ds)[3]
+    target, conds, y, caption = item
+    torch.testing.assert_close(target, ds[3][0])
+    assert [c.shape for c in conds] == [(32, 1, 1), (16, 2, 2), (8, 4, 4)]
+    assert y == ds.labels[3] and caption == ""
+    train_all = torch.stack([H.LevelData(hier, "train", levels[1:2])[i][0] for i in range(len(ds))])
+    assert abs(train_all.pow(2).mean().item() - 1) < 0.05                 # unit RMS on the training split
+    latents = H.encode_image(hier, tiny_encoder, x, levels, 16)
+    torch.testing.assert_close(latents[1][3], conds[1], atol=3e-2, rtol=1e-2)
+
+
+def test_sd_vae_bottom_level(tmp_path, tiny_encoder):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    name = _folder(tmp_path, n=10)
+    hier = H.build_cache(_args(tmp_path, name, 2, image_space="sd-vae", vae=str(tmp_path / "vae")), encoder=tiny_encoder)
+    levels = hier.levels(2, image_patch=2)
+    assert levels[-1].shape == (4, 4, 4)
+    import data
+    x = data.build_dataset(name, "train", 32)[0][0][None]
+    dist = H.load_vae(str(tmp_path / "vae")).encode(x).latent_dist
+    moments = torch.from_numpy(np.load(hier.root / "train-vae.npy")[0].astype(np.float32))
+    torch.testing.assert_close(moments, torch.cat([dist.mean, dist.std], 1)[0], atol=2e-3, rtol=2e-3)
+    draws = torch.stack([H.LevelData(hier, "train", levels)[0][0] for _ in range(400)])  # posterior samples
+    stderr = dist.std[0] * H.VAE_SCALE / 20
+    assert ((draws.mean(0) - dist.mean[0] * H.VAE_SCALE).abs() < 5 * stderr + 1e-3).all()
+    torch.testing.assert_close(draws.std(0), dist.std[0] * H.VAE_SCALE, rtol=0.15, atol=1e-3)
+
+
+def test_missing_glyph_clip_is_usage_error(tmp_path):
+    args = H.get_parser().parse_args(["--pretrained", str(tmp_path / "nope.pt")])
+    with pytest.raises(H.data.UsageError, match="encoder.py --train"):
+        H.resolve_defaults(args)
