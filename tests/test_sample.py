@@ -1,0 +1,147 @@
+"""Cascaded sampling: determinism, the unguided path, hierarchical resampling of a reference, outputs, bad input."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import encoder as enc
+import hierarchy as H
+import sample
+import train
+
+TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+enc.register_model_config("tiny-clip-sample", TINY)
+
+
+def train_args(tmp, level, *extra):
+    return train.get_parser().parse_args([
+        "--data", f"folder:{tmp / 'imgs'}", "--image-size", "16", "--clip", "tiny-clip-sample", "--pretrained", "random",
+        "--min-crop", "8", "--image-space", "pixels", "--cache-dir", str(tmp / "cache"), "--level", str(level),
+        "--depth", "3", "--model", "tiny", "--batch-size", "16", "--warmup", "10", "--lr", "3e-3", "--ema", "0.5",
+        "--steps", "40", "--device", "cpu", "--run-dir", str(tmp / "runs"), "--image-patch", "4", *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Depth 3 briefly trained on dark and light images, conditions noise-free (σ = 0)."""
+    tmp = tmp_path_factory.mktemp("sample")
+    rng = np.random.default_rng(0)
+    for name, value in (("dark", 40), ("light", 215)):
+        (tmp / "imgs" / name).mkdir(parents=True)
+        for k in range(20):
+            img = np.clip(value + rng.normal(0, 10, 3), 0, 255).astype(np.uint8) * np.ones((16, 16, 1), np.uint8)
+            Image.fromarray(img).save(tmp / "imgs" / name / f"{k}.png")
+    train.train(train_args(tmp, 3))
+    train.train(train_args(tmp, 2, "--sigma", 0))
+    train.train(train_args(tmp, 1, "--sigma", 0, 0))
+    return tmp
+
+
+def sample_args(tmp, *extra):
+    return sample.get_parser().parse_args(["--depth", "3", "--run-dir", str(tmp / "runs"), "--n", "6", "--batch", "4",
+                                           "--steps", "10", "--device", "cpu", "--out", str(tmp / "out"), *extra])
+
+
+def test_same_seed_same_samples_and_npz_format(run):
+    a = np.load(sample.main(sample_args(run, "--seed", "3")))["arr_0"]
+    b = np.load(sample.main(sample_args(run, "--seed", "3")))["arr_0"]
+    c = np.load(sample.main(sample_args(run, "--seed", "4")))["arr_0"]
+    assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert Image.open(run / "out" / "depth3-none.png").size == (3 * 18 + 2, 2 * 18 + 2)
+
+
+def test_cfg_zero_is_the_unguided_cascade(run):
+    out = np.load(sample.main(sample_args(run, "--cfg", "0", "--n", "4")))["arr_0"]
+    metas = sample.find_levels(run / "runs", 3, "none")
+    g = torch.Generator().manual_seed(0)
+    zs = []
+    for meta in metas:  # the cascade by hand: clean conditions, plain forward
+        model, diffusion = sample.load_level(meta, "cpu")
+        clip = 1.0 if meta["target_image"] else None
+        zs.append(diffusion.sample(lambda x, t: model(x, t, list(zs)), (4, *meta["target"]), 10, "ddim", 0.0, g, clip=clip))
+    assert np.array_equal(out, data.to_uint8(zs[-1].clamp(-1, 1)))
+
+
+def test_guided_eps_uses_noisy_conditions_and_cfg(run):
+    meta = sample.find_levels(run / "runs", 3, "none")[2]
+    model, _ = sample.load_level(meta, "cpu")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 900])
+    conds = [torch.randn(2, *s) for s in meta["conds"]]
+    plain = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.0, 0.3, 1000, None)(x, t)
+    torch.testing.assert_close(plain, model(x, t, conds))
+    clean_cfg = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.7, float("inf"), 1000, None)(x, t)
+    torch.testing.assert_close(clean_cfg, model.forward_with_cfg(x, t, conds, w=0.7))
+    noisy_cfg = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.7, 0.3, 1000, torch.Generator().manual_seed(0))(x, t)
+    assert not torch.allclose(noisy_cfg, clean_cfg)
+
+
+class NearestImage(torch.nn.Module):
+    """An exact image level for a finite data set: the ε of the training image whose clean latents are nearest
+    to the conditions (a tiny trained denoiser is too weak at high noise to test resampling with)."""
+
+    has_conditions = True
+
+    def __init__(self, images, latents, diffusion):
+        super().__init__()
+        self.images, self.latents, self.diffusion = images, latents, diffusion  # (N, C, H, W), [(N, C_l, M, M)]
+
+    def forward(self, x, t, conds=(), y=None, text=None, force_drop=None):
+        d = sum(torch.cdist(c.flatten(1), z.flatten(1)) ** 2 for c, z in zip(conds, self.latents))  # (B, N)
+        x0 = self.images[d.argmin(1)]                                                              # (B, C, H, W)
+        abar = self.diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    def forward_with_cfg(self, x, t, conds=(), y=None, text=None, w=0.0):
+        return self.forward(x, t, conds)
+
+
+def test_keeping_levels_of_a_reference_stays_close_to_it(run, monkeypatch):
+    ds = data.build_dataset(f"folder:{run / 'imgs'}", "train", 16)
+    metas = sample.find_levels(run / "runs", 3, "none")
+    hier = H.Hierarchy(metas[0]["cache"])
+    levels = hier.levels(3, 4)
+    pairs = [H.LevelData(hier, "train", levels[:2])[i][:2] for i in range(len(ds))]  # (z_2x2, [z_1x1])
+    latents = [torch.stack([conds[0] for _, conds in pairs]), torch.stack([z for z, _ in pairs])]
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    load = sample.load_level
+
+    def load_with_oracle(meta, device, use_ema=True):
+        model, diffusion = load(meta, device, use_ema)
+        return (NearestImage(images, latents, diffusion), diffusion) if meta["target_image"] else (model, diffusion)
+    monkeypatch.setattr(sample, "load_level", load_with_oracle)
+    path = run / "ref.png"
+    Image.fromarray(data.to_uint8(images[30:31])[0]).save(path)  # a training image, as a file
+    target = data.to_uint8(images[30:31]).astype(np.float64)
+    dist = {}
+    for keep in (0, 1, 2):
+        out = np.load(sample.main(sample_args(run, "--reference", str(path), "--keep", str(keep), "--cfg", "0",
+                                              "--n", "8", "--steps", "20")))["arr_0"]
+        dist[keep] = np.abs(out.astype(np.float64) - target).mean()
+    assert dist[2] < 1.0                                   # every latent level kept, σ = 0: the reference itself
+    assert dist[2] <= dist[1] and dist[2] < dist[0] / 10
+
+
+def test_missing_level_names_the_train_command(run, tmp_path):
+    for p in (run / "runs").iterdir():
+        if p.name.startswith("image"):
+            (tmp_path / "runs" / p.name).mkdir(parents=True)
+            (tmp_path / "runs" / p.name / "meta.json").write_text((p / "meta.json").read_text())
+    with pytest.raises(data.UsageError, match="python train.py --level 3 --depth 3"):
+        sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs")))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--prompt", "a cat"), "--cond text"),
+    (("--class", "3"), "--cond class"),
+    (("--reference", "/nonexistent.png", "--keep", "1"), "cannot read reference"),
+    (("--keep", "3", "--reference", "x.png"), "--keep takes 0..2"),
+    (("--cfg", "0.1", "0.2"), "2 weights for 3 levels"),
+])
+def test_bad_input(run, extra, message):
+    with pytest.raises(data.UsageError, match=message):
+        sample.main(sample_args(run, *extra))
