@@ -1,0 +1,171 @@
+"""denoiser.py: adaLN-Zero init, CFG equivalences with force_drop, the joint null swap, the paper's token
+layout for depths 1-5, gradient flow to every condition path, and GMACs against a closed form."""
+import pytest
+import torch
+
+from data import UsageError
+from denoiser import SIZES, Denoiser, count_params, forward_gmacs, patchify, token_patch, unpatchify
+
+# paper layout (shared/paper.md §2.2), top-down: z_5 1x1x256, z_4 2x2x128, z_3 4x4x64, z_2 8x8x32; image 4x32x32
+LATENTS = [(256, 1, 1), (128, 2, 2), (64, 4, 4), (32, 8, 8)]
+IMAGE, IMAGE_PATCH = (4, 32, 32), 2
+
+
+def paper_levels(depth):
+    """[(target_shape, patch, cond_shapes)] of a depth-`depth` model, top level first."""
+    latents = LATENTS[: depth - 1]
+    levels = [(s, token_patch(s[1]), latents[:i]) for i, s in enumerate(latents)]
+    return levels + [(IMAGE, IMAGE_PATCH, latents)]
+
+
+def perturb(model, seed=0, std=0.05):
+    """Make the zero-initialised adaLN / output layers non-zero so outputs depend on every input."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def full_model(B=3, seed=0):
+    """A tiny denoiser with two latent conditions, 5 classes and 6 text tokens, plus a batch of inputs."""
+    model = Denoiser((3, 8, 8), 2, cond_shapes=[(16, 1, 1), (8, 4, 4)], num_classes=5, text_shape=(6, 12))
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(x=torch.randn(B, 3, 8, 8, generator=g), t=torch.randint(0, 1000, (B,), generator=g),
+                  conds=[torch.randn(B, 16, 1, 1, generator=g), torch.randn(B, 8, 4, 4, generator=g)],
+                  y=torch.randint(0, 5, (B,), generator=g), text=torch.randn(B, 6, 12, generator=g))
+    return model, inputs
+
+
+def test_fresh_denoiser_outputs_exactly_zero():
+    model, inp = full_model()
+    out = model(**inp)
+    assert out.shape == inp["x"].shape and torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(model.forward_with_cfg(**inp, w=1.5), torch.zeros_like(out))
+
+
+def test_cfg_w0_equals_conditional_forward():
+    model, inp = full_model()
+    perturb(model).eval()
+    cond = model(**inp)
+    assert cond.abs().max() > 1e-3
+    torch.testing.assert_close(model.forward_with_cfg(**inp, w=0.0), cond, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model(**inp, force_drop=torch.zeros(3, dtype=torch.bool)), cond)  # eval: no random drop
+
+
+@pytest.mark.parametrize("w", [0.4, 1.0, 3.0])
+def test_cfg_equals_doubled_batch_closed_form(w):
+    model, inp = full_model()
+    perturb(model).eval()
+    f_c = model(**inp, force_drop=torch.zeros(3, dtype=torch.bool))
+    f_u = model(**inp, force_drop=torch.ones(3, dtype=torch.bool))
+    assert (f_c - f_u).abs().max() > 1e-3  # null conditions change the output
+    torch.testing.assert_close(model.forward_with_cfg(**inp, w=w), (1 + w) * f_c - w * f_u, rtol=1e-4, atol=1e-5)
+
+
+def test_null_conditions_swap_together_per_sample():
+    model, inp = full_model(B=64)
+    perturb(model)
+    model.eval()
+    f_c = model(**inp, force_drop=torch.zeros(64, dtype=torch.bool))
+    f_u = model(**inp, force_drop=torch.ones(64, dtype=torch.bool))
+    model.train()
+    model.p_uncond = 0.5
+    torch.manual_seed(0)
+    out = model(**inp)
+    err_c = (out - f_c).flatten(1).abs().amax(1)  # (B,)
+    err_u = (out - f_u).flatten(1).abs().amax(1)
+    is_c, is_u = err_c < 1e-5, err_u < 1e-5
+    assert (is_c ^ is_u).all()  # each sample is entirely conditional or entirely null: one Bernoulli for all
+    assert 10 < is_u.sum() < 54  # about half dropped
+    model.p_uncond = 1.0
+    torch.testing.assert_close(model(**inp), f_u, rtol=1e-5, atol=1e-6)
+    mask = torch.arange(64) % 2 == 0  # force_drop overrides random dropout in training mode
+    torch.testing.assert_close(model(**inp, force_drop=mask), torch.where(mask[:, None, None, None], f_u, f_c),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_paper_layout_shapes_and_token_counts(depth):
+    tokens = {(256, 1, 1): 1, (128, 2, 2): 4, (64, 4, 4): 4, (32, 8, 8): 16, IMAGE: 256}
+    for target, patch, conds in paper_levels(depth):
+        model = perturb(Denoiser(target, patch, cond_shapes=conds, size="tiny")).eval()
+        seen = []
+        model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        x = torch.randn(2, *target)
+        out = model.forward_with_cfg(x, torch.tensor([0, 999]), [torch.randn(2, *c) for c in conds], w=0.5)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert seen[0] == (4 if conds else 2, tokens[target] + sum(tokens[c] for c in conds), 64)
+        assert [p.shape[1] for p in model.cond_null] == [tokens[c] for c in conds]
+
+
+def test_gradients_reach_every_condition_path():
+    model, inp = full_model(B=4)
+    perturb(model).train()
+    out = model(**inp, force_drop=torch.tensor([True, False, True, False]))
+    out.square().sum().backward()
+    named = dict(model.named_parameters())
+    for name in ["cond_embedders.0.weight", "cond_embedders.1.weight", "cond_pos.0", "cond_pos.1", "cond_null.0",
+                 "cond_null.1", "text_embedder.weight", "text_pos", "text_null", "x_embedder.weight"]:
+        assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
+    y_grad = model.y_embedder.weight.grad  # (num_classes + 1, D): the used labels and the null class
+    used = set(inp["y"][[1, 3]].tolist()) | {5}
+    assert all(y_grad[i].abs().sum() > 0 for i in used)
+    assert all(y_grad[i].abs().sum() == 0 for i in set(range(6)) - used)
+
+
+def test_unconditional_model_and_input_checks():
+    model = perturb(Denoiser((1, 8, 8), 4)).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    assert not model.has_conditions and full_model()[0].has_conditions
+    assert torch.equal(model.forward_with_cfg(x, t, w=2.0), model(x, t))
+    with pytest.raises(UsageError):
+        model(x, t, conds=[torch.randn(2, 4, 1, 1)])
+    with pytest.raises(UsageError):
+        full_model()[0](x, t)  # conditions missing
+    with pytest.raises(UsageError):
+        Denoiser((1, 8, 8), 3)  # patch does not divide
+    with pytest.raises(UsageError):
+        Denoiser((1, 8, 8), 2, size="M")
+
+
+def test_patchify_round_trip_and_token_patch():
+    x = torch.randn(2, 3, 8, 12)
+    p = patchify(x, 4)
+    assert p.shape == (2, 6, 48)
+    torch.testing.assert_close(p[0, 1], x[0, :, 0:4, 4:8].permute(1, 2, 0).reshape(-1))  # (p, p, C) inside a patch
+    assert torch.equal(unpatchify(p, 4, 3, 8, 12), x)
+    assert [token_patch(m) for m in (1, 2, 4, 8, 16)] == [1, 1, 2, 2, 2]
+
+
+def test_gmacs_match_closed_form_on_cpu_and_meta():
+    """Linear layers (x/cond/text embed, adaLN, qkv, proj, MLP, head) + attention 2 N^2 D per block."""
+    B, D, depth = 2, SIZES["tiny"]["width"], SIZES["tiny"]["depth"]
+    model, inp = full_model(B)
+    inp.pop("x"), inp.pop("t")
+    n_x, n = 16, 16 + 1 + 4 + 6  # target 8x8 patch 2; conds 1x1 -> 1, 4x4 -> 4 tokens; 6 text tokens
+    macs = (n_x * 12 * D + 256 * D + D * D + 1 * 16 * D + 4 * 32 * D + 6 * 12 * D  # embedders
+            + depth * (6 * D * D + n * 12 * D * D + 2 * n * n * D)  # adaLN-Zero blocks
+            + 2 * D * D + n_x * D * 12)  # final adaLN + head
+    x, t = torch.randn(B, 3, 8, 8), torch.zeros(B, dtype=torch.long)
+    assert forward_gmacs(model, x, t, **inp) == pytest.approx(macs / 1e9, rel=1e-9)
+    with torch.device("meta"):
+        meta = Denoiser((3, 8, 8), 2, cond_shapes=[(16, 1, 1), (8, 4, 4)], num_classes=5, text_shape=(6, 12))
+        meta_inp = {k: [c.to("meta") for c in v] if k == "conds" else v.to("meta") for k, v in inp.items()}
+        assert forward_gmacs(meta, x.to("meta"), t.to("meta"), **meta_inp) == pytest.approx(macs / 1e9, rel=1e-9)
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_depth5_costs_at_most_30_percent_more_than_depth1_size_B():
+    """paper.md §3.3: L=5 costs 33.98 / 26.82 = 1.27x the GFLOPs of L=1 (we use DiT-B instead of U-ViT)."""
+    def gmacs(depth):
+        total = 0.0
+        with torch.device("meta"):  # shapes only: no weights are allocated or multiplied
+            for target, patch, conds in paper_levels(depth):
+                model = Denoiser(target, patch, cond_shapes=conds, size="B")
+                total += forward_gmacs(model, torch.zeros(1, *target), torch.zeros(1, dtype=torch.long),
+                                       conds=[torch.zeros(1, *c) for c in conds])
+        return total
+    g = [gmacs(d) for d in range(1, 6)]
+    assert all(a < b for a, b in zip(g, g[1:]))
+    assert 1.15 < g[4] / g[0] <= 1.30
