@@ -20,6 +20,8 @@ T = 0.07; top-1 and top-5 accuracy.
     python evaluate.py fid samples.npz VIRTUAL_imagenet256_labeled.npz
     python evaluate.py fid samples.npz data:glyphs:test          # glyph test-split stats, cached in cache/fid/
     python evaluate.py knn --train train_feats.npz --test test_feats.npz
+    python evaluate.py knn --cache cache/glyphs-... --depth 5    # each latent level of a hierarchy
+    python evaluate.py flops --model B                          # params and GMACs, depths 1-5 (Table 6)
 """
 import argparse
 import hashlib
@@ -313,6 +315,67 @@ def run_knn(args):
     return top1, top5
 
 
+def run_knn_levels(args):
+    """KNN accuracy of each latent level of a hierarchy cache (flattened, reduced features; labels = classes)."""
+    import hierarchy
+    hier = hierarchy.Hierarchy(args.cache)
+    if hier.meta.get("num_classes", 0) == 0:
+        raise data.UsageError(f"{args.cache} has no class labels to classify")
+    rows = []
+    for level in hier.levels(args.depth, image_patch=1)[:-1]:
+        feats = {split: hier.reduction(level)(hier.features(split, level.grid)).flatten(1).numpy()
+                 for split in ("train", "test")}
+        top1, top5 = knn_accuracy(feats["train"], hier.labels("train"), feats["test"], hier.labels("test"),
+                                  args.k, args.temperature)
+        rows.append((level.name, top1, top5))
+        print(f"{level.name:>14}  KNN k={args.k}: top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compute: parameters and forward GMACs per level and per depth (paper Table 6)
+# ----------------------------------------------------------------------------------------------------
+
+LAYOUTS = {  # encoder width, image level (C, H, W), image patch
+    "imagenet": (512, (4, 32, 32), 2),   # paper: CLIP/MoCo ViT-B/16 latents 256/128/64/32, SD-VAE 32×32×4, patch 2
+    "glyphs": (128, (1, 32, 32), 4),     # the glyph CLIP (128-d) and 32 px greyscale glyphs
+}
+
+
+def cost_table(size, layout, depths=range(1, 6)):
+    """[(depth, level, name, params, GMACs)] for every level of every depth, counted on the meta device."""
+    from denoiser import Denoiser, count_params, forward_gmacs
+    import hierarchy
+    enc_dim, image_shape, patch = LAYOUTS[layout]
+    rows = []
+    for depth in depths:
+        levels = hierarchy.level_specs(depth, enc_dim, image_shape, patch)
+        for k, level in enumerate(levels):
+            conds = [c.shape for c in levels[:k]]
+            with torch.device("meta"):  # shapes only: nothing is allocated or multiplied
+                model = Denoiser(level.shape, level.patch, conds, size=size)
+                gmacs = forward_gmacs(model, torch.zeros(1, *level.shape), torch.zeros(1, dtype=torch.long),
+                                      conds=[torch.zeros(1, *c) for c in conds])
+            rows.append((depth, depth - k, level.name, count_params(model), gmacs))
+    return rows
+
+
+def run_flops(args):
+    """Print parameters and forward GMACs per depth (and per level with --levels)."""
+    rows = cost_table(args.model, args.layout)
+    total = {}
+    for depth, level, name, params, gmacs in rows:
+        p, g = total.get(depth, (0, 0.0))
+        total[depth] = (p + params, g + gmacs)
+        if args.levels:
+            print(f"depth {depth} level {level} {name:>14}: {params / 1e6:8.2f}M params {gmacs:8.3f} GMACs")
+    print(f"| depth L | params (M) | forward GMACs | vs L=1 |  (model {args.model}, {args.layout} layout)")
+    print("|---|---|---|---|")
+    for depth, (params, gmacs) in total.items():
+        print(f"| {depth} | {params / 1e6:.1f} | {gmacs:.2f} | {gmacs / total[1][1]:.3f} |")
+    return total
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
@@ -339,11 +402,20 @@ def get_parser():
 
     k = sub.add_parser("knn", help="KNN top-1/top-5 accuracy of features (paper §6.1, K = 20)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    k.add_argument("--train", required=True, help=".npz with feats (N, D) and labels (N,) of the training set")
-    k.add_argument("--test", required=True, help=".npz with feats (N, D) and labels (N,) to classify")
+    k.add_argument("--train", help=".npz with feats (N, D) and labels (N,) of the training set")
+    k.add_argument("--test", help=".npz with feats (N, D) and labels (N,) to classify")
+    k.add_argument("--cache", help="instead: a latent cache folder (hierarchy.py); scores each latent level")
+    k.add_argument("--depth", type=int, default=5, help="with --cache: levels of this depth")
     k.add_argument("--k", type=int, default=20, help="number of neighbours (the paper's K)")
     k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T) (DINO)")
-    k.set_defaults(func=run_knn)
+    k.set_defaults(func=lambda a: run_knn_levels(a) if a.cache else run_knn(a))
+
+    c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--model", default="B", help="denoiser size (B = the paper's width 768, depth 12)")
+    c.add_argument("--layout", choices=list(LAYOUTS), default="imagenet", help="level shapes")
+    c.add_argument("--levels", action="store_true", help="also print every level")
+    c.set_defaults(func=run_flops)
     return p
 
 

@@ -281,3 +281,14 @@ def test_knn_command(tmp_path, capsys):
         evaluate.main(parse(["knn", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "bad.npz")]))
     with pytest.raises(data.UsageError, match="feats"):
         evaluate.main(parse(["knn", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "nope.npz")]))
+
+
+def test_flops_table_matches_dit_and_paper_ratio():
+    """DiT-B/2 at 256 tokens is 23.01 GFLOPs in DiT's Table 1 (1 MAC = 1 FLOP); depth 5 costs <= 1.30x depth 1."""
+    rows = evaluate.cost_table("B", "imagenet")
+    total = {d: sum(g for depth, _, _, _, g in rows if depth == d) for d in range(1, 6)}
+    assert total[1] == pytest.approx(23.01, abs=0.01)
+    assert all(total[d] < total[d + 1] for d in range(1, 5))
+    assert 1.15 < total[5] / total[1] <= 1.30
+    names = [name for depth, _, name, _, _ in rows if depth == 5]
+    assert names == ["z1x1c256", "z2x2c128", "z4x4c64", "z8x8c32", "image4x32"]
