@@ -21,9 +21,14 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from data import UsageError
 from diffusion import guided_eps
 
-SIZES = {"tiny": dict(width=64, depth=2, heads=4), "S": dict(width=384, depth=12, heads=6),
-         "B": dict(width=768, depth=12, heads=12), "L": dict(width=1024, depth=24, heads=16),
-         "XL": dict(width=1152, depth=28, heads=16)}
+SIZES = {
+    "tiny": dict(width=64, depth=2, heads=4),     # tests
+    "XS": dict(width=192, depth=6, heads=3),      # laptop CPU: the glyph reproduction
+    "S": dict(width=384, depth=12, heads=6),      # DiT-S
+    "B": dict(width=768, depth=12, heads=12),     # DiT-B: the paper's width 768 and depth 12 (U-ViT "Mid")
+    "L": dict(width=1024, depth=24, heads=16),    # DiT-L
+    "XL": dict(width=1152, depth=28, heads=16),   # DiT-XL
+}
 
 
 def token_patch(grid: int) -> int:

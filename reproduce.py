@@ -1,0 +1,148 @@
+"""The main job: the paper's depth trend (Tables 1 and 6) on the embedded glyph set, end to end, offline.
+
+glyph data -> glyph CLIP (the offline stand-in for the paper's pretrained encoder) -> latent cache ->
+every level of each depth (levels shared between depths are trained once, as in paper §4.1) ->
+cascaded sampling -> FID against the held-out glyphs -> ``results/<preset>/results.md`` and sample grids.
+Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
+CPU float reductions and thread timing aside, all randomness is seeded).
+
+    python reproduce.py --preset quick     # ~20 min on 2 CPU cores (make demo)
+    python reproduce.py --preset full      # the README's results (see README for its wall time)
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import encoder
+import evaluate
+import hierarchy as H
+import sample
+import train
+
+PRESETS = {
+    "quick": dict(clip_steps=150, model="XS", steps=600, latent_steps=600, batch=64, depths=(1, 3),
+                  n_samples=256, sample_steps=50, fid_ref=500),
+    "full": dict(clip_steps=500, model="XS", steps=2500, latent_steps=2500, batch=64, depths=(1, 2, 3),
+                 n_samples=1000, sample_steps=50, fid_ref=None),
+}
+IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def step(title):
+    print(f"\n=== {title} ===", flush=True)
+    return time.time()
+
+
+def hierarchy_argv(args):
+    return ["--data", "glyphs", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+            "--cache-dir", args.cache_dir, "--pretrained", args.clip, "--device", args.device]
+
+
+def main(args):
+    cfg = PRESETS[args.preset]
+    args.clip = args.clip or f"checkpoints/glyph-clip-{args.preset}.pt"
+    out = Path(args.out or f"results/{args.preset}")
+    runs = Path(args.runs or f"runs/reproduce-{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    timings, started = {}, time.time()
+
+    t = step("glyph data")
+    train_set = data.build_dataset("glyphs", "train", IMAGE_SIZE, data_dir=args.data_dir)
+    test_set = data.build_dataset("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir)
+    print(f"{len(train_set)} train, {len(test_set)} held-out glyphs")
+    timings["data"] = time.time() - t
+
+    t = step("glyph CLIP")
+    if not Path(args.clip).exists():
+        encoder.main(["--train", "--steps", str(cfg["clip_steps"]), "--minutes", "0", "--image-size", str(IMAGE_SIZE),
+                      "--data-dir", args.data_dir, "--out", args.clip])
+    else:
+        print(f"using {args.clip}")
+    knn = encoder.knn_report(argparse.Namespace(name="glyph-clip", data="glyphs", image_size=IMAGE_SIZE,
+                                                data_dir=args.data_dir, seed=0), args.clip)
+    timings["clip"] = time.time() - t
+
+    t = step("latent cache")
+    hargs = H.resolve_defaults(H.get_parser().parse_args(hierarchy_argv(args) + ["--depth", str(max(cfg["depths"]))]))
+    hier = H.build_cache(hargs)
+    levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH)
+    kept = {lv.name: hier.reduction(lv).kept for lv in levels if not lv.image}
+    timings["cache"] = time.time() - t
+
+    t = step("training")
+    for depth in cfg["depths"]:
+        for level in range(depth, 0, -1):
+            steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
+            train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
+                "--level", str(level), "--depth", str(depth), "--model", cfg["model"], "--image-patch", str(IMAGE_PATCH),
+                "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "200", "--lr", "5e-4",
+                "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume"]))
+    timings["train"] = time.time() - t
+
+    t = step("sampling and FID")
+    costs = {d: sum(g for dd, _, _, _, g in evaluate.cost_table(cfg["model"], "glyphs", [d])) for d in cfg["depths"]}
+    ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
+                                 device=args.device)
+    results = []
+    for depth in cfg["depths"]:
+        npz = sample.main(sample.get_parser().parse_args([
+            "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
+            "--steps", str(cfg["sample_steps"]), "--cfg", "0", "--out", str(out), "--device", args.device]))
+        feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
+        fid = evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)
+        results.append((depth, costs[depth], fid))
+        print(f"depth {depth}: FID {fid:.2f}")
+    timings["sample+fid"] = time.time() - t
+
+    write_results(out, args, cfg, len(train_set), len(test_set), knn, kept, results, timings, time.time() - started)
+
+
+def write_results(out, args, cfg, n_train, n_test, knn, kept, results, timings, total):
+    lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
+             f"Command: `python reproduce.py --preset {args.preset}` — machine: {machine()} — "
+             f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
+             f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Denoisers: size {cfg['model']}, "
+             f"{cfg['steps']} steps per level at batch {cfg['batch']}, DDIM {cfg['sample_steps']} steps, no guidance. "
+             f"FID: {cfg['n_samples']} samples per depth against "
+             f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3).", "",
+             "| depth L | forward GMACs per image (all levels) | FID ↓ |", "|---|---|---|"]
+    lines += [f"| {d} | {g:.3f} | {fid:.2f} |" for d, g, fid in results]
+    lines += ["", "Glyph CLIP, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
+              "| weights | top-1 | top-5 |", "|---|---|---|"]
+    lines += [f"| {name} | {top1:.3f} | {top5:.3f} |" for name, top1, top5 in knn]
+    lines += ["", "Variance kept by each level's SVD: " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()), ""]
+    lines += [f"![depth {d}](depth{d}-none.png)" for d, _, _ in results]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"fid": {d: fid for d, _, fid in results},
+                                                  "gmacs": {d: g for d, g, _ in results}, "knn": knn,
+                                                  "timings_s": timings, "machine": machine()}, indent=1))
+    print("\n" + "\n".join(lines))
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="quick", help="quick: ~20 min demo; full: README numbers")
+    p.add_argument("--clip", default=None, help="glyph CLIP weights, trained when missing "
+                                               "(default: checkpoints/glyph-clip-<preset>.pt)")
+    p.add_argument("--data-dir", default="data", help="glyph dataset cache")
+    p.add_argument("--cache-dir", default="cache", help="latent caches")
+    p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>)")
+    p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    return p
+
+
+if __name__ == "__main__":
+    data.run_main(main, get_parser().parse_args())
