@@ -1,0 +1,164 @@
+"""Tests for encoder.py: crop operator C(x, M) (paper §3.3), frozen encoder features per level (§2.2), weights
+round trip, usage errors, and the offline CLIP training step. Tiny random open_clip config, offline."""
+import json
+import warnings
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import encoder
+
+TINY = {"embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_name(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny-test-clip.json"
+    path.write_text(json.dumps(TINY))
+    open_clip.add_model_config(path)
+    return "tiny-test-clip"
+
+
+def make_encoder(name, pretrained=None, seed=0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return encoder.Encoder(name, pretrained)
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_name):
+    return make_encoder(tiny_name)
+
+
+def images(B=2, C=1, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, C, size, size, generator=g) * 2 - 1
+
+
+def test_crop_grid_round_trip_and_order():
+    x = torch.randn(2, 3, 12, 18)
+    M = 3
+    c = encoder.crop_grid(x, M)
+    assert c.shape == (2 * M * M, 3, 4, 6)
+    for b in range(2):
+        for i in range(M):
+            for j in range(M):
+                assert torch.equal(c[b * M * M + i * M + j], x[b, :, 4 * i:4 * i + 4, 6 * j:6 * j + 6])
+    assert torch.equal(encoder.uncrop_grid(c, M), x)
+    with pytest.raises(data.UsageError):
+        encoder.crop_grid(torch.randn(1, 3, 10, 10), 3)
+
+
+def test_glyph_clip_registered():
+    assert open_clip.get_model_config("glyph-clip") == encoder.GLYPH_CLIP
+    e = make_encoder("glyph-clip")
+    assert (e.dim, e.image_size, e.grid, e.text_shape) == (128, 32, 8, (32, 192))
+
+
+def test_embed_normalisation_and_grey(enc):
+    x = images(3, 1)
+    f = enc.embed(x)
+    assert f.shape == (3, enc.dim) == (3, 64)
+    assert torch.equal(f, enc.embed(x.repeat(1, 3, 1, 1)))  # grey == the same image in 3 channels
+    mean = torch.tensor(enc.model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(enc.model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    by_hand = enc.model.encode_image(((x.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std)
+    torch.testing.assert_close(f, by_hand)
+    big = F.interpolate(x, scale_factor=2, mode="nearest")  # 64 px input is resized to 32 px
+    assert enc.embed(big).shape == (3, 64)
+    assert torch.equal(enc.embed(x[:1]), f[:1])  # batching does not change results
+    with pytest.raises(data.UsageError):
+        enc.embed(torch.zeros(1, 2, 32, 32))
+
+
+def test_token_map_is_projected_final_tokens(enc):
+    x = images(2, 3)
+    t = enc.token_map(x)
+    assert t.shape == (2, enc.dim, enc.grid, enc.grid) == (2, 64, 4, 4)
+    v = enc.model.visual
+    mean, std = enc.mean, enc.std
+    with torch.no_grad():  # the ViT run by hand: tokens after the last block and ln_post, CLS dropped, projected
+        h = v.ln_post(v.transformer(v._embeds(((x + 1) / 2 - mean) / std)))[:, 1:] @ v.proj  # (B, 16, D)
+    torch.testing.assert_close(t, h.transpose(1, 2).reshape(2, 64, 4, 4))
+
+
+def test_level_features_crops_and_pooled(enc):
+    x = images(2, 1, size=64)
+    crops = enc.level_features(x, 2, min_crop=16)  # 32 px crops >= 16: each crop encoded separately
+    assert crops.shape == (2, enc.dim, 2, 2)
+    for i in range(2):
+        for j in range(2):
+            torch.testing.assert_close(crops[:, :, i, j], enc.embed(x[:, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32]))
+    pooled = enc.level_features(x, 2, min_crop=64)  # 32 px crops < 64: pooled token map
+    torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(enc.token_map(x), 2))
+    assert not torch.allclose(pooled, crops)
+    torch.testing.assert_close(enc.level_features(x, 1), enc.embed(x)[:, :, None, None])
+
+
+def test_encoder_frozen(enc):
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.model.training and not any(m.training for m in enc.modules())
+    x = images(1).requires_grad_(True)
+    assert not enc.embed(x).requires_grad
+
+
+def test_weights_round_trip(tmp_path, tiny_name, enc):
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": enc.model.state_dict()}, path)
+    other = make_encoder(tiny_name, seed=1)
+    x = images(2)
+    assert not torch.allclose(other.embed(x), enc.embed(x))  # a different init really differs...
+    loaded = make_encoder(tiny_name, str(path), seed=1)
+    assert torch.equal(loaded.embed(x), enc.embed(x))  # ...and loading the file restores the features exactly
+    assert torch.equal(loaded.token_map(x), enc.token_map(x))
+    encoder.save_atomic(enc.model.state_dict(), str(tmp_path / "plain.pt"))  # plain state dicts load too
+    assert torch.equal(make_encoder(tiny_name, str(tmp_path / "plain.pt")).embed(x), enc.embed(x))
+
+
+def test_usage_errors(tmp_path, tiny_name):
+    with pytest.raises(data.UsageError, match="encoder.py --train"):
+        encoder.Encoder(tiny_name, str(tmp_path / "missing.pt"))
+    with pytest.raises(data.UsageError, match="list_models"):
+        encoder.Encoder("no-such-model")
+
+
+def test_text(enc):
+    caps = ["water, liquid", "fire", ""]
+    h = enc.encode_text(caps)
+    assert h.shape == (3, *enc.text_shape) == (3, 16, 64)
+    tokens = enc.tokenizer(caps)
+    pooled = h[torch.arange(3), tokens.argmax(-1)] @ enc.model.text_projection  # CLIP pools at the EOT token
+    torch.testing.assert_close(enc.embed_text(caps), pooled)
+
+
+def test_clip_steps_decrease_loss(tiny_name):
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_name)
+    tokens = open_clip.get_tokenizer(tiny_name)([f"glyph number {i}" for i in range(16)])
+    x = images(16, 1, seed=2)
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    opt = encoder.make_optimizer(model, 1e-3, 0.1)
+    loss_fn = open_clip.loss.ClipLoss()
+    losses = [encoder.clip_step(model, opt, loss_fn, x, tokens, mean, std) for _ in range(4)]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_cosine_lr():
+    assert encoder.cosine_lr(0, 0.0, 1.0, warmup=10) == pytest.approx(0.1)  # warm-up
+    assert encoder.cosine_lr(9, 0.0, 1.0, warmup=10) == pytest.approx(1.0)
+    assert encoder.cosine_lr(50, 0.5, 1.0, warmup=10) == pytest.approx(0.5)  # cosine half-way
+    assert encoder.cosine_lr(99, 1.0, 1.0, warmup=10) == pytest.approx(0.0)
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        data.run_main(encoder.main, ["--knn"])
+    assert e.value.code == 2 and "--pretrained" in capsys.readouterr().err
