@@ -18,6 +18,7 @@ import argparse
 import bz2
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import random
@@ -50,7 +51,7 @@ def run_main(main, args):
         sys.exit(2)
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -175,11 +176,17 @@ def build_glyph_cache(data_dir="data", image_size=64, font=None, font_index=None
     images, chars, definitions, radicals = render_glyphs(read_unihan(unihan), font_path, font_index, image_size)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"params": params, "chars": "".join(chars), "definitions": definitions, "radicals": radicals}
-    _atomic_write(npy, lambda p: np.save(open(p, "wb"), images))
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, ensure_ascii=False)))
+    atomic_write(npy, lambda p: p.write_bytes(_npy_bytes(images)))
+    atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, ensure_ascii=False)))
     if not quiet:
         print(f"glyphs: rendered {len(chars)} characters at {image_size}px in {time.time() - start:.1f}s -> {npy}")
     return npy
+
+
+def _npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 class Glyphs(Dataset):

@@ -136,25 +136,42 @@ class Encoder(torch.nn.Module):
     @torch.no_grad()
     def token_map(self, x):
         """Patch tokens after the final norm, projected into the joint space: (B, D, grid, grid)."""
-        visual = self.model.visual
-
-        def tokens(xb):
-            t = visual.forward_intermediates(xb, indices=1, normalize_intermediates=True, intermediates_only=True,
-                                             output_fmt="NLC")["image_intermediates"][-1]  # (b, grid*grid, width)
-            return t @ visual.proj  # (b, grid*grid, D)
-
-        t = self._batched(tokens, x)
-        return t.transpose(1, 2).reshape(len(x), self.dim, self.grid, self.grid)
+        return self._embed_and_tokens(x)[1]
 
     @torch.no_grad()
     def level_features(self, x, M, min_crop=64):
         """Features of an M x M latent level (B, D, M, M) (paper §2.2): each crop encoded separately when crops are
         at least min_crop px, else the patch-token map average-pooled to M x M. M = 1 is the whole-image embedding."""
+        return self.features(x, [M], min_crop)[M]
+
+    @torch.no_grad()
+    def features(self, x, grids, min_crop=64):
+        """level_features for several grids {M: (B, D, M, M)}; one encoder pass serves the whole-image embedding
+        and every pooled token-map level, so building a depth-5 cache costs one pass plus the crop passes."""
         B, H = x.shape[0], x.shape[2]
-        if M == 1 or H // M >= min_crop:
+        crops = [M for M in grids if M > 1 and H // M >= min_crop]
+        out = {}
+        if len(crops) < len(grids):
+            emb, tokens = self._embed_and_tokens(x)                      # (B, D), (B, D, grid, grid)
+            out = {M: emb[:, :, None, None] if M == 1 else F.adaptive_avg_pool2d(tokens, M)
+                   for M in grids if M not in crops}
+        for M in crops:
             f = self.embed(crop_grid(x, M))  # (B*M*M, D)
-            return f.reshape(B, M, M, self.dim).permute(0, 3, 1, 2)
-        return F.adaptive_avg_pool2d(self.token_map(x), M)
+            out[M] = f.reshape(B, M, M, self.dim).permute(0, 3, 1, 2)
+        return out
+
+    def _embed_and_tokens(self, x):
+        """Pooled embedding (B, D) and projected patch-token map (B, D, grid, grid) from one forward pass."""
+        visual = self.model.visual
+
+        def both(xb):
+            out = visual.forward_intermediates(xb, indices=1, normalize_intermediates=True, intermediates_only=False,
+                                               output_fmt="NLC")
+            tokens = out["image_intermediates"][-1] @ visual.proj  # (b, grid*grid, D)
+            return torch.cat([out["image_features"][:, None], tokens], 1)  # (b, 1 + grid*grid, D)
+
+        t = self._batched(both, x)
+        return t[:, 0], t[:, 1:].transpose(1, 2).reshape(len(x), self.dim, self.grid, self.grid)
 
     @torch.no_grad()
     def encode_text(self, captions):
@@ -204,9 +221,7 @@ def clip_step(model, opt, loss_fn, x, tokens, mean, std):
 def save_atomic(obj, path):
     """torch.save to a temp file next to path, then rename (never leaves a half-written checkpoint)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train_clip(args):
@@ -295,8 +310,8 @@ def main(args):
     p.add_argument("--data", default="glyphs", help="captioned dataset (data.build_dataset name)")
     p.add_argument("--data-dir", default="data", help="where datasets are cached")
     p.add_argument("--image-size", type=int, default=32, help="glyph render size in px (resized to the model input)")
-    p.add_argument("--steps", type=int, default=500, help="training steps (500 take about 12 min on 2 free CPU cores)")
-    p.add_argument("--minutes", type=float, default=11, help="wall-clock cap on training in minutes (0: none); "
+    p.add_argument("--steps", type=int, default=500, help="training steps (500 take about 14 min on 2 free CPU cores)")
+    p.add_argument("--minutes", type=float, default=0, help="optional wall-clock cap on training in minutes (0: none); "
                                                               "the lr decay follows whichever of steps/minutes ends first")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per contrastive batch")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW peak learning rate (warm-up over 5%% of --steps, cosine decay)")
@@ -306,11 +321,10 @@ def main(args):
     args = p.parse_args(args)
     if args.train:
         train_clip(args)
-        knn_report(args, args.out)
-    else:
-        if args.pretrained is None:
-            raise data.UsageError("--knn needs --pretrained PATH (e.g. checkpoints/glyph-clip.pt from --train)")
-        knn_report(args, args.pretrained)
+        return knn_report(args, args.out)
+    if args.pretrained is None:
+        raise data.UsageError("--knn needs --pretrained PATH (e.g. checkpoints/glyph-clip.pt from --train)")
+    return knn_report(args, args.pretrained)
 
 
 if __name__ == "__main__":

@@ -376,6 +376,17 @@ def run_flops(args):
     return total
 
 
+def machine(device="cpu"):
+    """The machine a number was measured on: GPU name, or CPU model and threads; torch version."""
+    if str(device).startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def build_cache(args, encoder=None, vae=None):
             "num_classes": ds.num_classes, "has_captions": ds.has_captions,
             "image_shape": image_shape, "image_space": args.image_space, "vae": bool(meta.get("vae") or need_vae),
             "args": {k: getattr(args, k) for k in ("data", "image_size", "clip", "pretrained", "min_crop", "vae")}}
-    data._atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    data.atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
     return Hierarchy(root)
 
 
@@ -257,8 +257,8 @@ def _encode_split(ds, split, root, grids, encoder, vae, args):
     moments = []
     for x, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
         x = x.to(args.device)
-        for m in grids:
-            outs[m].append(encoder.level_features(x, m, args.min_crop).half().cpu().numpy())   # (B, D, m, m)
+        for m, f in encoder.features(x, grids, args.min_crop).items():
+            outs[m].append(f.half().cpu().numpy())                                            # (B, D, m, m)
         if vae is not None:
             dist = vae.encode(x.expand(-1, 3, -1, -1)).latent_dist
             moments.append(torch.cat([dist.mean, dist.std], 1).half().cpu().numpy())          # (B, 8, h, w)

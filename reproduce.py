@@ -11,7 +11,6 @@ CPU float reductions and thread timing aside, all randomness is seeded).
 """
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -26,18 +25,12 @@ import sample
 import train
 
 PRESETS = {
-    "quick": dict(clip_steps=150, model="XS", steps=600, latent_steps=600, batch=64, depths=(1, 3),
+    "quick": dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3),
                   n_samples=256, sample_steps=50, fid_ref=500),
-    "full": dict(clip_steps=500, model="XS", steps=2500, latent_steps=2500, batch=64, depths=(1, 2, 3),
-                 n_samples=1000, sample_steps=50, fid_ref=None),
+    "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
+                 n_samples=500, sample_steps=50, fid_ref=None),
 }
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def step(title):
@@ -65,13 +58,8 @@ def main(args):
     timings["data"] = time.time() - t
 
     t = step("glyph CLIP")
-    if not Path(args.clip).exists():
-        encoder.main(["--train", "--steps", str(cfg["clip_steps"]), "--minutes", "0", "--image-size", str(IMAGE_SIZE),
-                      "--data-dir", args.data_dir, "--out", args.clip])
-    else:
-        print(f"using {args.clip}")
-    knn = encoder.knn_report(argparse.Namespace(name="glyph-clip", data="glyphs", image_size=IMAGE_SIZE,
-                                                data_dir=args.data_dir, seed=0), args.clip)
+    mode = ["--train", "--steps", str(cfg["clip_steps"]), "--out"] if not Path(args.clip).exists() else ["--knn", "--pretrained"]
+    knn = encoder.main(mode + [args.clip, "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir])
     timings["clip"] = time.time() - t
 
     t = step("latent cache")
@@ -87,7 +75,7 @@ def main(args):
             steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
             train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
                 "--level", str(level), "--depth", str(depth), "--model", cfg["model"], "--image-patch", str(IMAGE_PATCH),
-                "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "200", "--lr", "5e-4",
+                "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
                 "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume"]))
     timings["train"] = time.time() - t
 
@@ -111,7 +99,7 @@ def main(args):
 
 def write_results(out, args, cfg, n_train, n_test, knn, kept, results, timings, total):
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
-             f"Command: `python reproduce.py --preset {args.preset}` — machine: {machine()} — "
+             f"Command: `python reproduce.py --preset {args.preset}` — machine: {evaluate.machine(args.device)} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Denoisers: size {cfg['model']}, "
              f"{cfg['steps']} steps per level at batch {cfg['batch']}, DDIM {cfg['sample_steps']} steps, no guidance. "
@@ -127,7 +115,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, results, timings, 
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"fid": {d: fid for d, _, fid in results},
                                                   "gmacs": {d: g for d, g, _ in results}, "knn": knn,
-                                                  "timings_s": timings, "machine": machine()}, indent=1))
+                                                  "timings_s": timings, "machine": evaluate.machine(args.device)}, indent=1))
     print("\n" + "\n".join(lines))
 
 

@@ -146,7 +146,7 @@ def main(args):
         raise data.UsageError(f"--prompt needs a text-conditional model (--cond text); this one is --cond {args.cond}")
     if args.class_id is not None and args.cond != "class":
         raise data.UsageError(f"--class needs a class-conditional model (--cond class); this one is --cond {args.cond}")
-    if not 0 <= args.keep < args.depth:
+    if args.reference and not 0 <= args.keep < args.depth:
         raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
     weights = cfg_weights(args.cfg, args.cond, args.depth)
     levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]

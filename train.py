@@ -16,7 +16,6 @@ depth-5 model reuses the upper levels already trained for depth 4 (§4.1, "param
 """
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
@@ -82,6 +80,12 @@ def schedule_for(args, hier, target):
 # Checkpoints, EMA, distributed helpers
 # ----------------------------------------------------------------------------------------------------
 
+def ema_decay(decay, step):
+    """EMA decay at ``step``: min(decay, (1 + step) / (10 + step)), so that short runs are not dominated by the
+    initial weights (0.9999 after 500 steps still keeps 95% of them); long runs use ``decay`` (paper: 0.9999)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema ← decay·ema + (1 − decay)·model for parameters; buffers copied."""
@@ -93,13 +97,7 @@ def update_ema(ema, model, decay):
 
 def save_checkpoint(path, obj):
     """torch.save to a temporary file, then rename: a crash mid-write keeps the previous checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path):
@@ -219,16 +217,17 @@ def train(args):
     start_step, state = 0, None
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        if state["meta"]["cache"] != meta["cache"]:
-            raise data.UsageError(f"{ckpt_path} was trained on another latent cache ({state['meta']['cache']}); "
-                                  "use another --run folder")
+        for field in ("key", "cache"):  # another level, depth, σ, size or latent cache: never overwrite it
+            if state["meta"][field] != meta[field]:
+                raise data.UsageError(f"{ckpt_path} holds another model ({field} {state['meta'][field]}); "
+                                      "use another --run-dir")
         if state["step"] >= args.steps:
             if rank == 0:
                 print(f"level {args.level} ({key}) is already trained ({state['step']} steps) at {ckpt_path}: reused")
             return ckpt_path
         if not args.resume:
             raise data.UsageError(f"{ckpt_path} exists ({state['step']} steps); pass --resume to continue it, "
-                                  "or --run another folder")
+                                  "or use another --run-dir")
         start_step = state["step"]
 
     seed = args.seed * world + rank
@@ -257,7 +256,6 @@ def train(args):
         print(f"level {args.level} of {args.depth}: {target.name} given {[c.name for c in conds]} σ={sigmas} "
               f"| {args.model}, {count_params(model) / 1e6:.2f}M params | {len(dataset)} items | {run}")
     log = open(run / "log.txt", "a") if rank == 0 else None
-    local_batch = args.batch_size // world
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                desc=f"level {args.level}", dynamic_ncols=True)
     tick, last_loss = time.time(), float("nan")
@@ -281,7 +279,7 @@ def train(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        update_ema(ema, model, args.ema)
+        update_ema(ema, model, ema_decay(args.ema, step))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             last_loss = mean_over_ranks(loss.detach().clone()).item()
             rate = args.log_every / (time.time() - tick)
@@ -298,6 +296,7 @@ def train(args):
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
+        log.close()
         print(f"level {args.level}: {args.steps} steps, loss {last_loss:.4f}, checkpoint {ckpt_path}")
     return ckpt_path
 

@@ -23,6 +23,7 @@ import hierarchy as H  # noqa: E402
 from denoiser import Denoiser  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from encoder import Encoder  # noqa: E402
+from evaluate import machine  # noqa: E402
 
 
 def sd_vae():
@@ -78,9 +79,7 @@ def main(args):
         train_step(x, conds)
 
     t_cached, t_fly = timed(cached, args.repeats), timed(on_the_fly, args.repeats)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
-    print(f"machine: {device} | torch {torch.__version__}")
+    print(f"machine: {machine(args.device)}")
     print(f"depth 3, image level 4x32x32 patch 2, denoiser {args.model}, batch {B}, encoder ViT-B-16 + SD-VAE at 256 px")
     print(f"cached step     {t_cached:8.3f} s")
     print(f"on-the-fly step {t_fly:8.3f} s")

@@ -11,7 +11,6 @@ OpenMP oversubscription stalls.
 """
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -22,18 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import UsageError, run_main  # noqa: E402
 from denoiser import SIZES, Denoiser, count_params, flop_counter  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from evaluate import machine  # noqa: E402
 
 
 def sync(device):
@@ -94,8 +82,7 @@ def main(args):
         peaks.append(matmul_flops(device))
     ratios = sorted(3 * fwd_flops / t / p for t, p in zip(times, peaks))
     sec, peak = min(times), max(peaks)
-    print(f"machine: {cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__} | device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"machine: {machine(device)}")
     print(f"model: size {args.size}, {count_params(model) / 1e6:.2f}M params, 256 tokens, batch {args.batch}, fp32")
     print(f"forward: {fwd_flops / args.batch / 2e9:.3f} GMACs/sample; training FLOPs = 3 x forward = "
           f"{3 * fwd_flops / 1e9:.1f} GFLOP/step (counted fwd+bwd: {counted_step_flops / 1e9:.1f})")

@@ -1,5 +1,4 @@
 """Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level."""
-import argparse
 import math
 
 import numpy as np

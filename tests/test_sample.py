@@ -1,5 +1,4 @@
 """Cascaded sampling: determinism, the unguided path, hierarchical resampling of a reference, outputs, bad input."""
-from pathlib import Path
 
 import numpy as np
 import pytest

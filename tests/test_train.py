@@ -157,3 +157,20 @@ def sys_argv(args):
                  "batch_size", "warmup", "lr", "ema", "log_every", "ckpt_every", "device", "run", "steps"):
         out += [f"--{flag.replace('_', '-')}" if flag != "run" else "--run-dir", str(getattr(args, flag))]
     return out
+
+
+def test_checkpoint_of_another_level_is_refused(workspace):
+    top = train.train(argv(workspace, 3, 3, "--steps", 2, run="other"))
+    hier = H.Hierarchy(next((workspace / "cache").iterdir()))
+    key = train.level_key(*train.level_plan(argv(workspace, 2, 3), hier), "none", "tiny")
+    (workspace / "other" / key).mkdir()
+    (workspace / "other" / key / "ckpt.pt").write_bytes(top.read_bytes())   # level 3's weights where level 2's go
+    with pytest.raises(data.UsageError, match="holds another model"):
+        train.train(argv(workspace, 2, 3, "--steps", 4, "--resume", run="other"))
+    assert (workspace / "other" / key / "ckpt.pt").read_bytes() == top.read_bytes()
+
+
+def test_ema_decay_warms_up_to_the_paper_value():
+    assert train.ema_decay(0.9999, 0) == pytest.approx(0.1)
+    assert train.ema_decay(0.9999, 90) == pytest.approx(91 / 100)
+    assert train.ema_decay(0.9999, 10**6) == 0.9999
