@@ -285,8 +285,8 @@ class LevelData(Dataset):
         self.labels, self.captions = hier.labels(split), hier.captions(split)
         self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
         self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
-        self.vae = hier.root / f"{split}-vae.npy" if hier.meta["image_space"] == "sd-vae" else None
-        self.vae = np.load(self.vae, mmap_mode="r") if self.vae and levels[-1].image else None
+        sd_vae_target = levels[-1].image and hier.meta["image_space"] == "sd-vae"
+        self.vae = np.load(hier.root / f"{split}-vae.npy", mmap_mode="r") if sd_vae_target else None  # moments
         self.base = base  # the image dataset, when the target is the image level in pixel space
 
     def __len__(self):
