@@ -314,10 +314,11 @@ class LevelData(Dataset):
 
 def encode_image(hier, encoder, x, levels, min_crop, vae=None):
     """The clean latents of real images x (B, C, H, W) in [-1, 1] at each of ``levels`` (for resampling)."""
+    feats = encoder.features(x, [lv.grid for lv in levels if not lv.image], min_crop)  # one pass for pooled levels
     out = []
     for lv in levels:
         if not lv.image:
-            out.append(hier.reduction(lv)(encoder.level_features(x, lv.grid, min_crop).float()))
+            out.append(hier.reduction(lv)(feats[lv.grid].float()))
         elif vae is not None:
             out.append(vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean * VAE_SCALE)
         else:
