@@ -195,16 +195,16 @@ class Hierarchy:
 
 
 def _write_array(path, shape, dtype, batches):
-    """Stream batches into a .npy memmap (written to a temp name, renamed when complete)."""
-    tmp = path.with_name(path.name + ".tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    i = 0
-    for b in batches:
-        out[i:i + len(b)] = b
-        i += len(b)
-    out.flush()
-    del out
-    tmp.replace(path)
+    """Stream batches into a .npy memmap (data.atomic_write: a temp name, renamed when complete)."""
+    def write(tmp):
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        i = 0
+        for b in batches:
+            out[i:i + len(b)] = b
+            i += len(b)
+        out.flush()
+
+    data.atomic_write(path, write)
 
 
 def build_cache(args, encoder=None, vae=None):
