@@ -5,8 +5,9 @@ Implements the per-level diffusion of the paper (shared/paper.md §4-§5):
   timestep, T = 1000, "stable-diffusion" scaled-linear betas (the U-ViT default, paper.md §4.2).
 - Forward process q(x_t | x_0) (Ho et al. 2020, Eq. 4) and posterior q(x_{t-1} | x_t, x_0) (Ho Eq. 6-7).
 - Samplers on an evenly respaced subset of timesteps (Nichol & Dhariwal 2021, "improved DDPM", §4):
-  ancestral DDPM (Ho Alg. 2) and DDIM (Song et al. 2021, Eq. 12; eta=0 deterministic, eta=1 = DDPM).
-  The paper samples with U-ViT's DPM-Solver (50 steps); DDIM with 50 steps is our default (paper.md §5).
+  ancestral DDPM (Ho Alg. 2), DDIM (Song et al. 2021, Eq. 12; eta=0 deterministic, eta=1 = DDPM) and
+  DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), the paper's sampler (U-ViT's DPM-Solver++, 50 steps,
+  paper.md §5) and our default.
 - Classifier-free guidance eps_c + w (eps_c - eps_u) (paper.md §5, U-ViT convention, w=0: no guidance).
 """
 import math
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from data import UsageError
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("dpm++", "ddim", "ddpm")
 
 
 def make_betas(schedule: str, T: int = 1000) -> np.ndarray:
@@ -77,6 +78,22 @@ def ddim_step(x_t, eps, abar_t, abar_prev, eta, noise, clip=None):
     return math.sqrt(abar_prev) * x0 + direction + sigma * noise
 
 
+def dpm_solver_step(x_t, x0, abar_t, abar_prev, x0_last=None, h_last=None):
+    """One DPM-Solver++(2M) step (Lu et al. 2022, "DPM-Solver++", Alg. 2) from abar_t to abar_prev in
+    log-SNR time lambda = log(alpha / sigma), alpha = sqrt(abar), sigma = sqrt(1 - abar), h = lambda_prev - lambda_t:
+        x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D,
+    D = x0 for the first step (first order: the same update as DDIM), else the multistep correction
+    D = x0 + (x0 - x0_last) h / (2 h_last). The last step (abar_prev = 1, sigma = 0) returns x0 (first order
+    at the end, as in Lu et al.'s code). Returns (x_prev, h), h feeding the next step's h_last."""
+    if abar_prev >= 1.0:
+        return x0, None
+    lam = lambda abar: 0.5 * math.log(abar / (1 - abar))  # noqa: E731
+    h = lam(abar_prev) - lam(abar_t)
+    d = x0 if x0_last is None else x0 + (x0 - x0_last) * (h / (2 * h_last))
+    x_prev = math.sqrt((1 - abar_prev) / (1 - abar_t)) * x_t - math.sqrt(abar_prev) * math.expm1(-h) * d
+    return x_prev, h
+
+
 def respaced_timesteps(T: int, steps: int) -> np.ndarray:
     """`steps` evenly spaced original timesteps from T-1 down to 0 (improved DDPM's space_timesteps)."""
     return np.round(np.linspace(T - 1, 0, steps)).astype(np.int64)
@@ -131,9 +148,9 @@ class Diffusion:
         return F.mse_loss(eps_fn(self.q_sample(x0, t, noise), t), noise)
 
     @torch.no_grad()
-    def sample(self, eps_fn, shape, steps=50, sampler="ddim", eta=0.0, generator=None, x_T=None, clip=None,
+    def sample(self, eps_fn, shape, steps=50, sampler="dpm++", eta=0.0, generator=None, x_T=None, clip=None,
                progress=False, device="cpu"):
-        """Draw x0 of `shape` by running `sampler` ("ddim" or "ddpm") over `steps` respaced timesteps.
+        """Draw x0 of `shape` by running `sampler` ("dpm++", "ddim" or "ddpm") over `steps` respaced timesteps.
 
         eps_fn(x_t, t) gets t as a LongTensor (B,) of original timesteps in [0, T). x_T defaults to N(0, I)
         drawn from `generator`; clip clamps the predicted x0 (1.0 for pixels, None for latents)."""
@@ -146,12 +163,17 @@ class Diffusion:
         x = _randn(shape, generator, device) if x_T is None else x_T.to(device)
         ts = respaced_timesteps(self.T, steps)  # (steps,) decreasing
         abar = self.alphas_cumprod.double().numpy()
+        x0_last = h_last = None  # DPM-Solver++ multistep state
         for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress)):
             abar_t = float(abar[t])
             abar_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
             eps = eps_fn(x, torch.full((shape[0],), int(t), dtype=torch.long, device=device))
             noise = _randn(shape, generator, device) if (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
-            if sampler == "ddpm":
+            if sampler == "dpm++":
+                x0 = _predict_x0(x, eps, abar_t, clip)
+                x, h_last = dpm_solver_step(x, x0, abar_t, abar_prev, x0_last, h_last)
+                x0_last = x0
+            elif sampler == "ddpm":
                 x = ddpm_step(x, eps, abar_t, abar_prev, noise, clip)
             else:
                 x = ddim_step(x, eps, abar_t, abar_prev, eta, noise, clip)
