@@ -36,9 +36,13 @@ CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]
 # Finding and loading the levels of a depth-L model
 # ----------------------------------------------------------------------------------------------------
 
-def find_levels(run, depth, cond, model=None):
+def find_levels(run, depth, cond, model=None, sigma=None):
     """The run folders of levels L … 1 of a depth-L model, top-down (matched on what each level generates
-    and is conditioned on, so levels shared with shallower models are found too)."""
+    and is conditioned on, so levels shared with shallower models are found too). ``sigma`` (σ_L … σ_2, as
+    train.py --sigma for the image level) picks among versions trained with different condition noise:
+    level l was trained with its first L − l values."""
+    if sigma is not None and len(sigma) != depth - 1:
+        raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
     metas = [json.loads(p.read_text()) | {"dir": str(p.parent)} for p in sorted(Path(run).glob("*/meta.json"))]
     metas = [m for m in metas if m["cond"] == cond and (model is None or m["model"] == model)]
     found = []
@@ -46,14 +50,15 @@ def find_levels(run, depth, cond, model=None):
         grids = [2 ** k for k in range(depth - level)]
         image = level == 1
         match = [m for m in metas if m["cond_grids"] == grids and m["target_image"] == image
-                 and (image or m["target"][1] == 2 ** (depth - level))]
+                 and (image or m["target"][1] == 2 ** (depth - level))
+                 and (sigma is None or m["sigmas"] == list(sigma[:depth - level]))]
         if not match:
             data_name = metas[0]["data"] if metas else "glyphs"
             raise data.UsageError(f"level {level} of depth {depth} ({cond}) is not trained in {run}; train it with "
                                   f"python train.py --level {level} --depth {depth} --data {data_name} --cond {cond}")
         if len(match) > 1:
             raise data.UsageError(f"level {level} has {len(match)} trained versions in {run} "
-                                  f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --model")
+                                  f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma or --model")
         found.append(match[0])
     return found
 
@@ -141,7 +146,7 @@ def save_labelled_grid(images, path, label):
 
 def main(args):
     device = torch.device(args.device)
-    metas = find_levels(args.run, args.depth, args.cond, args.model)
+    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma)
     if args.prompt is not None and args.cond != "text":
         raise data.UsageError(f"--prompt needs a text-conditional model (--cond text); this one is --cond {args.cond}")
     if args.class_id is not None and args.cond != "class":
@@ -201,10 +206,13 @@ def get_parser():
     p.add_argument("--run-dir", "--run", dest="run", default="runs/glyphs", help="folder of trained levels (train.py --run-dir)")
     p.add_argument("--cond", choices=train.CONDS, default="none", help="which trained family to sample")
     p.add_argument("--model", default=None, help="denoiser size, when a level was trained at several sizes")
+    p.add_argument("--sigma", type=float, nargs="+", default=None,
+                   help="σ_L … σ_2 (top-down) the levels were trained with, when a level has several versions")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps per level")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="DDIM (Song et al. Eq. 12) or DDPM ancestral")
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpm++",
+                   help="DPM-Solver++(2M) (Lu et al. 2022, the paper's), DDIM (Song et al. Eq. 12) or DDPM ancestral")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
     p.add_argument("--cfg", type=float, nargs="+", default=None,
                    help="guidance weight, one for all levels or one per level top-down "

@@ -1,5 +1,7 @@
 """Cascaded sampling: determinism, the unguided path, hierarchical resampling of a reference, outputs, bad input."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -62,8 +64,23 @@ def test_cfg_zero_is_the_unguided_cascade(run):
     for meta in metas:  # the cascade by hand: clean conditions, plain forward
         model, diffusion = sample.load_level(meta, "cpu")
         clip = 1.0 if meta["target_image"] else None
-        zs.append(diffusion.sample(lambda x, t: model(x, t, list(zs)), (4, *meta["target"]), 10, "ddim", 0.0, g, clip=clip))
+        zs.append(diffusion.sample(lambda x, t: model(x, t, list(zs)), (4, *meta["target"]), 10, "dpm++", 0.0, g, clip=clip))
     assert np.array_equal(out, data.to_uint8(zs[-1].clamp(-1, 1)))
+
+
+def test_sigma_picks_among_versions_of_a_level(run, tmp_path):
+    """Two image levels differing only in σ_2: without --sigma the choice is an error; σ_3 σ_2 picks one."""
+    shutil.copytree(run, tmp_path, dirs_exist_ok=True)
+    train.train(train_args(tmp_path, 1, "--sigma", "0", "0.5", "--steps", "2"))
+    with pytest.raises(data.UsageError, match="--sigma"):
+        sample.find_levels(tmp_path / "runs", 3, "none")
+    for sigma in ([0.0, 0.0], [0.0, 0.5]):
+        metas = sample.find_levels(tmp_path / "runs", 3, "none", sigma=sigma)
+        assert [m["sigmas"] for m in metas] == [[], [0.0], sigma]
+    with pytest.raises(data.UsageError, match="2 values"):
+        sample.find_levels(tmp_path / "runs", 3, "none", sigma=[0.0])
+    with pytest.raises(data.UsageError, match="not trained"):
+        sample.find_levels(tmp_path / "runs", 3, "none", sigma=[0.0, 1.0])
 
 
 def test_guided_eps_uses_noisy_conditions_and_cfg(run):
