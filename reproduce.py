@@ -2,7 +2,9 @@
 
 glyph data -> glyph CLIP (the offline stand-in for the paper's pretrained encoder) -> latent cache ->
 every level of each depth (levels shared between depths are trained once, as in paper §4.1) ->
-cascaded sampling -> FID against the held-out glyphs -> ``results/<preset>/results.md`` and sample grids.
+cascaded sampling -> FID against the held-out glyphs, without and with guidance (Table 1's two column
+groups) -> ``results/<preset>/results.md`` and sample grids. The full preset adds Table 1's σ_2 sweep:
+the image level retrained with σ_2 ∈ {0, 0.5, 1} (the upper σ at the paper's unconditional values).
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
@@ -26,16 +28,22 @@ import train
 
 PRESETS = {
     "quick": dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3),
-                  n_samples=256, sample_steps=50, fid_ref=500),
+                  n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=()),
     "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
-                 n_samples=500, sample_steps=50, fid_ref=None),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0)),
 }
+CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
 
 
 def step(title):
     print(f"\n=== {title} ===", flush=True)
     return time.time()
+
+
+def default_sigmas(depth):
+    """σ_L … σ_2 of a depth-L unconditional model: the paper's schedule, by latent grid (hierarchy.SIGMAS)."""
+    return [H.sigma_for(2 ** k, "none") for k in range(depth - 1)]
 
 
 def hierarchy_argv(args):
@@ -70,52 +78,85 @@ def main(args):
     timings["cache"] = time.time() - t
 
     t = step("training")
-    for depth in cfg["depths"]:
-        for level in range(depth, 0, -1):
+    before = {p: p.stat().st_mtime for p in runs.glob("*/ckpt.pt")}
+    for depth, sigmas in models(cfg):
+        for level in range(depth, 0, -1) if sigmas == default_sigmas(depth) else [1]:
             steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
             train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
                 "--level", str(level), "--depth", str(depth), "--model", cfg["model"], "--image-patch", str(IMAGE_PATCH),
                 "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
-                "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume"]))
+                "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume"]
+                + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
+    reused = sorted(p.parent.name for p, mtime in before.items() if p.stat().st_mtime == mtime)
     timings["train"] = time.time() - t
 
     t = step("sampling and FID")
-    costs = {d: sum(g for dd, _, _, _, g in evaluate.cost_table(cfg["model"], "glyphs", [d])) for d in cfg["depths"]}
     ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
                                  device=args.device)
-    results = []
-    for depth in cfg["depths"]:
-        npz = sample.main(sample.get_parser().parse_args([
-            "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
-            "--steps", str(cfg["sample_steps"]), "--cfg", "0", "--out", str(out), "--device", args.device]))
-        feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
-        fid = evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)
-        results.append((depth, costs[depth], fid))
-        print(f"depth {depth}: FID {fid:.2f}")
+    fids = {}  # (depth, σ_L … σ_2, guidance weight) -> FID
+    for depth, sigmas in models(cfg):
+        for w in (0.0, CFG) if depth > 1 and sigmas == default_sigmas(depth) else (0.0,):
+            grids = out if w == 0 and sigmas == default_sigmas(depth) else runs / "samples" / f"sigma{'-'.join(f'{s:g}' for s in sigmas)}-w{w:g}"
+            fids[depth, tuple(sigmas), w] = fid_of(runs, depth, sigmas, w, cfg, grids, ref, args.device)
+            print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[depth, tuple(sigmas), w]:.2f}")
     timings["sample+fid"] = time.time() - t
 
-    write_results(out, args, cfg, len(train_set), len(test_set), knn, kept, results, timings, time.time() - started)
+    write_results(out, args, cfg, len(train_set), len(test_set), knn, kept, fids, reused, timings, time.time() - started)
 
 
-def write_results(out, args, cfg, n_train, n_test, knn, kept, results, timings, total):
+def models(cfg):
+    """(depth, σ_L … σ_2) of every model the preset trains: each depth at the paper's σ, then the σ_2 sweep."""
+    runs = [(d, default_sigmas(d)) for d in cfg["depths"]]
+    return runs + [(d, default_sigmas(d)[:-1] + [s]) for d in cfg["depths"] if d > 1 for s in cfg["sigma_sweep"]
+                   if s != default_sigmas(d)[-1]]
+
+
+def fid_of(runs, depth, sigmas, w, cfg, out, ref, device):
+    """FID of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance weight w) against ``ref``."""
+    npz = sample.main(sample.get_parser().parse_args([
+        "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
+        "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", device]
+        + (["--sigma", *map(str, sigmas)] if sigmas else [])))
+    feats = evaluate.inception_features(np.load(npz)["arr_0"], device=device)
+    return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)
+
+
+def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, reused, timings, total):
+    """results.md (the tables the README quotes) and results.json from one run."""
+    gmacs = {d: sum(g for _, _, _, _, g in evaluate.cost_table(cfg["model"], "glyphs", [d])) for d in cfg["depths"]}
+    fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
              f"Command: `python reproduce.py --preset {args.preset}` — machine: {evaluate.machine(args.device)} — "
-             f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
+             f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min)"
+             + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Denoisers: size {cfg['model']}, "
-             f"{cfg['steps']} steps per level at batch {cfg['batch']}, DDIM {cfg['sample_steps']} steps, no guidance. "
-             f"FID: {cfg['n_samples']} samples per depth against "
-             f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3).", "",
-             "| depth L | forward GMACs per image (all levels) | FID ↓ |", "|---|---|---|"]
-    lines += [f"| {d} | {g:.3f} | {fid:.2f} |" for d, g, fid in results]
+             f"{cfg['steps']} steps per level at batch {cfg['batch']}; DPM-Solver++(2M), {cfg['sample_steps']} steps "
+             f"per level. FID: {cfg['n_samples']} samples per model against "
+             f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3). σ_L … σ_2 = the paper's "
+             f"unconditional schedule ({', '.join(f'{default_sigmas(d)}' for d in cfg['depths'] if d > 1)}).", "",
+             f"| depth L | forward GMACs per image (all levels) | FID ↓, no guidance | FID ↓, guidance w = {CFG}, γ = 0.3 |",
+             "|---|---|---|---|"]
+    lines += [f"| {d} | {gmacs[d]:.3f} | {fmt((d, tuple(default_sigmas(d)), 0.0))} | "
+              f"{fmt((d, tuple(default_sigmas(d)), CFG))} |" for d in cfg["depths"]]
+    if cfg["sigma_sweep"]:
+        lines += ["", "σ_2 (the noise on the image level's parent latent) as in Table 1, no guidance; "
+                  "* = the paper's value:", "",
+                  "| depth L | σ_L … σ_3 | " + " | ".join(f"σ_2 = {s:g}" for s in cfg["sigma_sweep"]) + " |",
+                  "|---|---|" + "---|" * len(cfg["sigma_sweep"])]
+        for d in (d for d in cfg["depths"] if d > 1):
+            top, default = default_sigmas(d)[:-1], default_sigmas(d)[-1]
+            cells = [fmt((d, tuple(top + [s]), 0.0)) + ("*" if s == default else "") for s in cfg["sigma_sweep"]]
+            lines.append(f"| {d} | {', '.join(f'{s:g}' for s in top) or '—'} | " + " | ".join(cells) + " |")
     lines += ["", "Glyph CLIP, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
               "| weights | top-1 | top-5 |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.3f} | {top5:.3f} |" for name, top1, top5 in knn]
     lines += ["", "Variance kept by each level's SVD: " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()), ""]
-    lines += [f"![depth {d}](depth{d}-none.png)" for d, _, _ in results]
+    lines += [f"![depth {d}](depth{d}-none.png)" for d in cfg["depths"]]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"fid": {d: fid for d, _, fid in results},
-                                                  "gmacs": {d: g for d, g, _ in results}, "knn": knn,
-                                                  "timings_s": timings, "machine": evaluate.machine(args.device)}, indent=1))
+    (out / "results.json").write_text(json.dumps({
+        "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
+        "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
+        indent=1))
     print("\n" + "\n".join(lines))
 
 
