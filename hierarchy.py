@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -194,19 +195,6 @@ class Hierarchy:
         return json.loads((self.root / f"{split}-captions.json").read_text())
 
 
-def _write_array(path, shape, dtype, batches):
-    """Stream batches into a .npy memmap (data.atomic_write: a temp name, renamed when complete)."""
-    def write(tmp):
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        i = 0
-        for b in batches:
-            out[i:i + len(b)] = b
-            i += len(b)
-        out.flush()
-
-    data.atomic_write(path, write)
-
-
 def build_cache(args, encoder=None, vae=None):
     """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy."""
     root = Path(args.cache_dir) / cache_name(args)
@@ -251,22 +239,32 @@ def _sample_vectors(feats, seed):
 
 @torch.no_grad()
 def _encode_split(ds, split, root, grids, encoder, vae, args):
-    """One pass over a split: raw features of every grid in ``grids`` (and VAE moments) into .npy files."""
+    """One pass over a split: raw features of every grid in ``grids`` (and VAE moments) streamed batch by
+    batch into .npy memmaps, so memory holds one batch whatever the dataset size. Each file is written
+    under a temporary name and renamed when the split is complete: a killed run leaves no partial file."""
     loader = DataLoader(ds, batch_size=args.encode_batch, num_workers=args.workers)
-    outs = {m: [] for m in grids}
-    moments = []
-    for x, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
-        x = x.to(args.device)
-        for m, f in encoder.features(x, grids, args.min_crop).items():
-            outs[m].append(f.half().cpu().numpy())                                            # (B, D, m, m)
-        if vae is not None:
-            dist = vae.encode(x.expand(-1, 3, -1, -1)).latent_dist
-            moments.append(torch.cat([dist.mean, dist.std], 1).half().cpu().numpy())          # (B, 8, h, w)
-    for m in grids:
-        feats = outs[m]
-        _write_array(root / f"{split}-{m}.npy", (len(ds), *feats[0].shape[1:]), np.float16, feats)
-    if vae is not None:
-        _write_array(root / f"{split}-vae.npy", (len(ds), *moments[0].shape[1:]), np.float16, moments)
+    names = [str(m) for m in grids] + (["vae"] if vae is not None else [])
+    tmps = {k: root / f"{split}-{k}.npy.tmp" for k in names}
+    outs, i = {}, 0
+    try:
+        for x, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
+            x = x.to(args.device)
+            batch = {str(m): f for m, f in encoder.features(x, grids, args.min_crop).items()}   # (B, D, m, m)
+            if vae is not None:
+                dist = vae.encode(x.expand(-1, 3, -1, -1)).latent_dist
+                batch["vae"] = torch.cat([dist.mean, dist.std], 1)                              # (B, 8, h, w)
+            for k, v in batch.items():
+                if k not in outs:
+                    outs[k] = np.lib.format.open_memmap(tmps[k], mode="w+", dtype=np.float16,
+                                                        shape=(len(ds), *v.shape[1:]))
+                outs[k][i:i + len(v)] = v.half().cpu().numpy()
+            i += len(x)
+        for k, out in outs.items():
+            out.flush()
+            os.replace(tmps[k], root / f"{split}-{k}.npy")
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -111,9 +111,13 @@ def test_cache_round_trip_and_reuse(tmp_path, tiny_encoder):
     import data
     ds = data.build_dataset(name, "train", 32)
     x = torch.stack([ds[i][0] for i in range(4)])
+    last = torch.stack([ds[i][0] for i in range(len(ds) - 3, len(ds))])  # rows of the last, partial batch
     for m in (1, 2, 4):
+        assert hier.features("train", m).shape[0] == len(ds)
         cached = torch.from_numpy(hier.features("train", m)[:4].astype(np.float32))
         torch.testing.assert_close(cached, tiny_encoder.level_features(x, m, 16), atol=2e-2, rtol=2e-3)
+        cached = torch.from_numpy(hier.features("train", m)[-3:].astype(np.float32))
+        torch.testing.assert_close(cached, tiny_encoder.level_features(last, m, 16), atol=2e-2, rtol=2e-3)
     levels = hier.levels(4, image_patch=4)
     assert [lv.shape for lv in levels] == [(32, 1, 1), (16, 2, 2), (8, 4, 4), (3, 32, 32)]
     item = H.LevelData(hier, "train", levels, base=ds)[3]
@@ -125,6 +129,28 @@ def test_cache_round_trip_and_reuse(tmp_path, tiny_encoder):
     assert abs(train_all.pow(2).mean().item() - 1) < 0.05                 # unit RMS on the training split
     latents = H.encode_image(hier, tiny_encoder, x, levels, 16)
     torch.testing.assert_close(latents[1][3], conds[1], atol=3e-2, rtol=1e-2)
+
+
+def test_interrupted_encoding_leaves_nothing_half_written(tmp_path, tiny_encoder, monkeypatch):
+    """A build killed in its second batch leaves no feature file, no temporary file and no meta.json;
+    the next build starts clean and completes."""
+    name, calls = _folder(tmp_path), []
+    features = tiny_encoder.features
+
+    def dies_in_second_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return features(*a, **kw)
+    monkeypatch.setattr(tiny_encoder, "features", dies_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        H.build_cache(_args(tmp_path, name, 3), encoder=tiny_encoder)
+    root = next((tmp_path / "cache").iterdir())
+    assert {p.name for p in root.glob("*.npy*")} == {"train-labels.npy"}  # written before encoding starts
+    assert not (root / "meta.json").exists()
+    monkeypatch.setattr(tiny_encoder, "features", features)
+    hier = H.build_cache(_args(tmp_path, name, 3), encoder=tiny_encoder)
+    assert hier.meta["grids"] == [1, 2] and hier.features("test", 2).shape[1:] == (64, 2, 2)
 
 
 def test_sd_vae_bottom_level(tmp_path, tiny_encoder):
