@@ -135,6 +135,15 @@ def setup_distributed(device):
     return rank, world, torch.device(device)
 
 
+def any_rank(flag, device):
+    """True on every rank when ``flag`` is True on any rank (a NaN on one rank stops all of them together
+    instead of leaving the others waiting at the next all-reduce)."""
+    x = torch.tensor(float(flag), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
+
+
 def mean_over_ranks(x):
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -273,8 +282,8 @@ def train(args):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             eps_fn = lambda xt, tt: net(xt, tt, noisy, y if meta["num_classes"] else None, text, drop)  # noqa: E731
             loss = diffusion.loss(eps_fn, x, t=t, noise=noise)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. "
+        if any_rank(not torch.isfinite(loss), device):
+            raise SystemExit(f"error: loss is {loss.item()} on rank {rank} at step {step}; stopped. "
                              f"The last good checkpoint is kept at {ckpt_path} (lower --lr or check the data)")
         opt.zero_grad(set_to_none=True)
         loss.backward()

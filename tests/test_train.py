@@ -115,9 +115,22 @@ def test_nan_loss_stops_cleanly(workspace, monkeypatch):
         calls.append(1)
         return original(self, *a, **kw) * (float("nan") if len(calls) > 1 else 1.0)
     monkeypatch.setattr(train.Diffusion, "loss", loss)
-    with pytest.raises(SystemExit, match="loss is nan at step 3"):
+    with pytest.raises(SystemExit, match="loss is nan on rank 0 at step 3"):
         train.train(argv(workspace, 3, 3, "--steps", 6, "--ckpt-every", 1, "--resume", run="nan"))
     assert torch.load(path)["step"] == 3  # the step before the NaN was saved, nothing after it
+
+
+def _any_rank_worker(rank, port, out):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out[rank] = (train.any_rank(rank == 1, "cpu"), train.any_rank(False, "cpu"))
+    torch.distributed.destroy_process_group()
+
+
+def test_nan_on_one_rank_stops_every_rank():
+    """any_rank: a flag raised on rank 1 only is seen by rank 0 too (so neither waits for the other)."""
+    out = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_any_rank_worker, args=(29541, out), nprocs=2)
+    assert dict(out) == {0: (True, False), 1: (True, False)}
 
 
 @pytest.mark.parametrize("extra, message", [
