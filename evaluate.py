@@ -202,8 +202,10 @@ def parse_data_spec(spec):
 
 
 def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None):
-    """cache/fid/<name>-<split>-<size>px-<n>-<hash>.npz; the hash also covers the data path."""
-    key = json.dumps([name, split, image_size, max_n, data_path and os.path.abspath(data_path)])
+    """cache/fid/<name>-<split>-<size>px-<n>-<hash>.npz; the hash also covers the data path and, for glyphs,
+    the rendering version (data.GLYPH_FORMAT), so statistics of an older rendering are not reused."""
+    version = data.GLYPH_FORMAT if name == "glyphs" else None
+    key = json.dumps([name, split, image_size, max_n, data_path and os.path.abspath(data_path)] + ([version] if version else []))
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name)[-40:].strip("_")
     return Path(cache_dir) / f"{slug}-{split}-{image_size}px-{max_n or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.npz"
 

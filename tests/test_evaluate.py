@@ -205,6 +205,14 @@ def test_evenly_spaced():
     assert evaluate.evenly_spaced(10, 0) == []
 
 
+def test_glyph_stats_key_follows_the_rendering_version(monkeypatch):
+    """A new glyph rendering gets new reference statistics; other datasets keep theirs."""
+    paths = lambda: [evaluate.stats_cache_path("cache", n, "test", 32, None) for n in ("glyphs", "folder:x")]  # noqa: E731
+    glyphs, folder = paths()
+    monkeypatch.setattr(data, "GLYPH_FORMAT", data.GLYPH_FORMAT + 1)
+    assert paths()[0] != glyphs and paths()[1] == folder
+
+
 def test_dataset_stats_cache_round_trip(tmp_path, monkeypatch, fid_spy):
     root = tmp_path / "images"
     rng = np.random.default_rng(5)
