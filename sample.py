@@ -8,7 +8,7 @@ SD-VAE when it holds VAE latents. Without guidance the conditions are used clean
 [0.5, 0.4, 0.3, 0.2, 0.1] top-down, text 1.0.
 
 ``--reference IMAGE --keep K`` is the paper's Fig. 1: encode a real image through the hierarchy, keep its
-top K latent levels, resample the rest.
+top K latent levels, resample the rest. ``--reference data:glyphs:test`` does it for every image of a split.
 
     python sample.py --depth 5
     python sample.py --depth 3 --run runs/glyphs --reference glyph:水 --keep 2
@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
+import evaluate
 import hierarchy as H
 import train
 from diffusion import SAMPLERS, Diffusion
@@ -115,9 +117,17 @@ def decode(z, meta, vae):
     return z.clamp(-1, 1) if vae is None else vae.decode(z / H.VAE_SCALE).sample.clamp(-1, 1)
 
 
-def load_reference(spec, meta, image_size):
-    """A reference image (1, C, H, W) in [-1, 1]: a file, or glyph:CHAR for a character of the glyph set."""
+def load_reference(spec, meta, image_size, n):
+    """Reference images in [-1, 1]: an image file or glyph:CHAR, as a tensor (1, C, H, W); or data:NAME:SPLIT,
+    as a Subset of ``n`` items spread evenly over that split, each resampled once (the hierarchy's oracle:
+    how close the lower levels come to real images when the top levels are the images' own latents)."""
     channels = meta["target"][0] if meta["image_space"] == "pixels" else 3
+    if spec.startswith("data:"):
+        name, split = evaluate.parse_data_spec(spec)  # imagenet and coco are read from data/<name>
+        ds = data.build_dataset(name, split, image_size)
+        if n > len(ds):
+            raise data.UsageError(f"--n {n} is more than the {len(ds)} images of {spec}")
+        return Subset(ds, evaluate.evenly_spaced(len(ds), n))
     if spec.startswith("glyph:"):
         for split in ("train", "test"):
             ds = data.build_dataset("glyphs", split, image_size)
@@ -131,6 +141,13 @@ def load_reference(spec, meta, image_size):
         raise data.UsageError(f"cannot read reference image {spec} ({e})") from e
     x = torch.from_numpy(np.asarray(arr, dtype=np.float32) / 127.5 - 1)
     return (x[None] if x.dim() == 2 else x.permute(2, 0, 1))[None]
+
+
+def reference_batch(refs, start, n):
+    """References of samples start … start+n-1: the one reference repeated, or items of a data split."""
+    if isinstance(refs, torch.Tensor):
+        return refs.expand(n, *refs.shape[1:])
+    return torch.stack([refs[i][0] for i in range(start, start + n)])
 
 
 def save_labelled_grid(images, path, label):
@@ -160,11 +177,9 @@ def main(args):
     vae = H.load_vae(cache_args.vae, device) if hier.meta["image_space"] == "sd-vae" else None
     needs_encoder = args.cond == "text" or args.reference
     encoder = H.make_encoder(cache_args, device) if needs_encoder else None
-    kept = []
     if args.reference:
-        x_ref = load_reference(args.reference, metas[-1], cache_args.image_size).to(device)
+        refs = load_reference(args.reference, metas[-1], cache_args.image_size, args.n)
         ref_levels = hier.levels(args.depth, metas[-1]["patch"])[:args.keep]
-        kept = H.encode_image(hier, encoder, x_ref, ref_levels, cache_args.min_crop, vae)
 
     generator = torch.Generator(device).manual_seed(args.seed)
     captions = hier.captions("test")
@@ -179,8 +194,11 @@ def main(args):
             prompts = [args.prompt] * n if args.prompt is not None else \
                 [captions[(start + i) % len(captions)][0] for i in range(n)]
             text = encoder.encode_text(prompts)
-        zs, secs = sample_batch(levels, weights, n, args, device, generator, y, text,
-                                [z.expand(n, *z.shape[1:]) for z in kept])
+        kept = []
+        if args.reference:
+            x = reference_batch(refs, start, n).to(device)
+            kept = H.encode_image(hier, encoder, x, ref_levels, cache_args.min_crop, vae)
+        zs, secs = sample_batch(levels, weights, n, args, device, generator, y, text, kept)
         images.append(data.to_uint8(decode(zs[-1], metas[-1], vae)))
         seconds += secs
 
@@ -190,8 +208,11 @@ def main(args):
     name = f"depth{args.depth}-{args.cond}" + (f"-keep{args.keep}" if args.reference else "")
     np.savez(out / f"{name}.npz", arr_0=np.repeat(images, 3, -1) if images.shape[-1] == 1 else images)
     grid = images[:64]
-    if args.reference:
-        grid = np.concatenate([data.to_uint8(x_ref.cpu()), grid[:63]])
+    if args.reference and isinstance(refs, torch.Tensor):  # the reference, then its resamplings
+        grid = np.concatenate([data.to_uint8(refs), grid[:63]])
+    elif args.reference:                                  # each reference beside its resampling
+        k = min(32, len(images))
+        grid = np.stack([data.to_uint8(reference_batch(refs, 0, k)), images[:k]], 1).reshape(-1, *images.shape[1:])
     label = args.prompt or (f"class {args.class_id}" if args.class_id is not None else "")
     save_labelled_grid(grid, out / f"{name}.png", label)
     for k, s in enumerate(seconds):
@@ -220,7 +241,9 @@ def get_parser():
     p.add_argument("--gamma", type=float, default=0.3, help="decay of the condition noise under guidance (inf: clean)")
     p.add_argument("--class", dest="class_id", type=int, default=None, help="class id for a class-conditional model")
     p.add_argument("--prompt", default=None, help="text for a text-conditional model")
-    p.add_argument("--reference", default=None, help="an image file, or glyph:CHAR, to resample (paper Fig. 1)")
+    p.add_argument("--reference", default=None,
+                   help="an image file or glyph:CHAR to resample (paper Fig. 1); data:NAME:SPLIT resamples --n "
+                        "images of a dataset split, one sample each")
     p.add_argument("--keep", type=int, default=1, help="with --reference: top latent levels kept from it")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")

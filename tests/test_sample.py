@@ -9,6 +9,7 @@ from PIL import Image
 
 import data
 import encoder as enc
+import evaluate
 import hierarchy as H
 import sample
 import train
@@ -116,7 +117,8 @@ class NearestImage(torch.nn.Module):
         return self.forward(x, t, conds)
 
 
-def test_keeping_levels_of_a_reference_stays_close_to_it(run, monkeypatch):
+def use_oracle_image_level(run, monkeypatch):
+    """Replace the trained image level by NearestImage over the training images; returns those images."""
     ds = data.build_dataset(f"folder:{run / 'imgs'}", "train", 16)
     metas = sample.find_levels(run / "runs", 3, "none")
     hier = H.Hierarchy(metas[0]["cache"])
@@ -130,6 +132,11 @@ def test_keeping_levels_of_a_reference_stays_close_to_it(run, monkeypatch):
         model, diffusion = load(meta, device, use_ema)
         return (NearestImage(images, latents, diffusion), diffusion) if meta["target_image"] else (model, diffusion)
     monkeypatch.setattr(sample, "load_level", load_with_oracle)
+    return images
+
+
+def test_keeping_levels_of_a_reference_stays_close_to_it(run, monkeypatch):
+    images = use_oracle_image_level(run, monkeypatch)
     path = run / "ref.png"
     Image.fromarray(data.to_uint8(images[30:31])[0]).save(path)  # a training image, as a file
     target = data.to_uint8(images[30:31]).astype(np.float64)
@@ -140,6 +147,19 @@ def test_keeping_levels_of_a_reference_stays_close_to_it(run, monkeypatch):
         dist[keep] = np.abs(out.astype(np.float64) - target).mean()
     assert dist[2] < 1.0                                   # every latent level kept, σ = 0: the reference itself
     assert dist[2] <= dist[1] and dist[2] < dist[0] / 10
+
+
+def test_dataset_reference_resamples_each_image_once(run, monkeypatch):
+    """--reference data:NAME:SPLIT: sample i keeps the latents of image i (evenly spread over the split)."""
+    images = use_oracle_image_level(run, monkeypatch)
+    spec = f"data:folder:{run / 'imgs'}:train"
+    out = np.load(sample.main(sample_args(run, "--reference", spec, "--keep", "2", "--cfg", "0", "--n", "6",
+                                          "--steps", "20")))["arr_0"].astype(np.float64)   # 2 batches of 4 + 2
+    refs = data.to_uint8(images[evaluate.evenly_spaced(len(images), 6)]).astype(np.float64)
+    assert np.abs(out - refs).mean(axis=(1, 2, 3)).max() < 1.0
+    assert Image.open(run / "out" / "depth3-none-keep2.png").size == (4 * 18 + 2, 3 * 18 + 2)  # 6 pairs
+    with pytest.raises(data.UsageError, match="more than the"):
+        sample.main(sample_args(run, "--reference", spec, "--keep", "2", "--n", str(len(images) + 1)))
 
 
 def test_missing_level_names_the_train_command(run, tmp_path):
