@@ -3,13 +3,15 @@
 glyph data -> glyph CLIP (the offline stand-in for the paper's pretrained encoder) -> latent cache ->
 every level of each depth (levels shared between depths are trained once, as in paper §4.1) ->
 cascaded sampling -> FID against the held-out glyphs, without and with guidance (Table 1's two column
-groups) -> ``results/<preset>/results.md`` and sample grids. The full preset adds Table 1's σ_2 sweep:
-the image level retrained with σ_2 ∈ {0, 0.5, 1} (the upper σ at the paper's unconditional values).
+groups) -> ``results/<preset>/results.md`` and sample grids. The full preset adds Table 1's σ_2 sweep
+(the image level retrained with σ_2 ∈ {0, 0.5, 1}, the upper σ at the paper's unconditional values) and
+an oracle row: the deepest model with its top latents taken from held-out glyphs.
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
     python reproduce.py --preset quick     # ~20 min on 2 CPU cores (make demo)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
+    python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
 """
 import argparse
 import json
@@ -28,9 +30,12 @@ import train
 
 PRESETS = {
     "quick": dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3),
-                  n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=()),
+                  n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False),  # under 20 min
     "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
-                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0)),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0), oracle_keep=(1, 2)),
+    # the full preset's depths 1 and 3 with twice the image-level budget (same encoder, same latent levels)
+    "long": dict(clip_steps=500, clip_of="full", model="XS", steps=2000, latent_steps=1000, batch=64, depths=(1, 3),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
 }
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
@@ -53,7 +58,7 @@ def hierarchy_argv(args):
 
 def main(args):
     cfg = PRESETS[args.preset]
-    args.clip = args.clip or f"checkpoints/glyph-clip-{args.preset}.pt"
+    args.clip = args.clip or f"checkpoints/glyph-clip-{cfg.get('clip_of', args.preset)}.pt"
     out = Path(args.out or f"results/{args.preset}")
     runs = Path(args.runs or f"runs/reproduce-{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
@@ -95,13 +100,19 @@ def main(args):
                                  device=args.device)
     fids = {}  # (depth, σ_L … σ_2, guidance weight) -> FID
     for depth, sigmas in models(cfg):
-        for w in (0.0, CFG) if depth > 1 and sigmas == default_sigmas(depth) else (0.0,):
+        guided = cfg.get("guided", True) and depth > 1 and sigmas == default_sigmas(depth)
+        for w in (0.0, CFG) if guided else (0.0,):
             grids = out if w == 0 and sigmas == default_sigmas(depth) else runs / "samples" / f"sigma{'-'.join(f'{s:g}' for s in sigmas)}-w{w:g}"
             fids[depth, tuple(sigmas), w] = fid_of(runs, depth, sigmas, w, cfg, grids, ref, args.device)
             print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[depth, tuple(sigmas), w]:.2f}")
+    depth = max(cfg["depths"])
+    oracle = {keep: fid_of(runs, depth, default_sigmas(depth), 0.0, cfg, runs / "samples" / "oracle", ref, args.device,
+                           ["--reference", "data:glyphs:test", "--keep", str(keep)])
+              for keep in cfg.get("oracle_keep", ())}
     timings["sample+fid"] = time.time() - t
 
-    write_results(out, args, cfg, len(train_set), len(test_set), knn, kept, fids, reused, timings, time.time() - started)
+    write_results(out, args, cfg, len(train_set), len(test_set), knn, kept, fids, oracle, reused, timings,
+                  time.time() - started)
 
 
 def models(cfg):
@@ -111,17 +122,17 @@ def models(cfg):
                    if s != default_sigmas(d)[-1]]
 
 
-def fid_of(runs, depth, sigmas, w, cfg, out, ref, device):
+def fid_of(runs, depth, sigmas, w, cfg, out, ref, device, extra=()):
     """FID of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance weight w) against ``ref``."""
     npz = sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", device]
-        + (["--sigma", *map(str, sigmas)] if sigmas else [])))
+        + (["--sigma", *map(str, sigmas)] if sigmas else []) + list(extra)))
     feats = evaluate.inception_features(np.load(npz)["arr_0"], device=device)
     return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)
 
 
-def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, reused, timings, total):
+def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reused, timings, total):
     """results.md (the tables the README quotes) and results.json from one run."""
     gmacs = {d: sum(g for _, _, _, _, g in evaluate.cost_table(cfg["model"], "glyphs", [d])) for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
@@ -147,6 +158,12 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, reused, timi
             top, default = default_sigmas(d)[:-1], default_sigmas(d)[-1]
             cells = [fmt((d, tuple(top + [s]), 0.0)) + ("*" if s == default else "") for s in cfg["sigma_sweep"]]
             lines.append(f"| {d} | {', '.join(f'{s:g}' for s in top) or '—'} | " + " | ".join(cells) + " |")
+    if oracle:
+        depth = max(cfg["depths"])
+        lines += ["", f"Depth {depth} with its top latents taken from {cfg['n_samples']} held-out glyphs themselves "
+                  f"(`sample.py --reference data:glyphs:test --keep K`), the lower levels sampled, no guidance:", "",
+                  "| top levels kept | FID ↓ |", "|---|---|"]
+        lines += [f"| {', '.join(f'z_{depth - i}' for i in range(keep))} | {fid:.2f} |" for keep, fid in oracle.items()]
     lines += ["", "Glyph CLIP, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
               "| weights | top-1 | top-5 |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.3f} | {top5:.3f} |" for name, top1, top5 in knn]
@@ -155,14 +172,16 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, reused, timi
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({
         "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
-        "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
+        "oracle": oracle, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
         indent=1))
     print("\n" + "\n".join(lines))
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="quick", help="quick: ~20 min demo; full: README numbers")
+    p.add_argument("--preset", choices=list(PRESETS), default="quick",
+                   help="quick: ~20 min demo; full: README numbers and the σ_2 sweep; long: full's depths 1 and 3 "
+                        "with twice the image-level steps")
     p.add_argument("--clip", default=None, help="glyph CLIP weights, trained when missing "
                                                "(default: checkpoints/glyph-clip-<preset>.pt)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
