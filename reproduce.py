@@ -3,7 +3,8 @@
 glyph data -> glyph CLIP (the offline stand-in for the paper's pretrained encoder) -> latent cache ->
 every level of each depth (levels shared between depths are trained once, as in paper §4.1) ->
 cascaded sampling -> FID against the held-out glyphs, without and with guidance (Table 1's two column
-groups) -> ``results/<preset>/results.md`` and sample grids. The full preset adds Table 1's σ_2 sweep
+groups; the quick preset leaves guidance out to stay under 20 minutes) -> ``results/<preset>/results.md``
+and sample grids. The full preset adds Table 1's σ_2 sweep
 (the image level retrained with σ_2 ∈ {0, 0.5, 1}, the upper σ at the paper's unconditional values) and
 an oracle row: the deepest model with its top latents taken from held-out glyphs.
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
