@@ -101,9 +101,10 @@ def main(args):
                                  device=args.device)
     fids = {}  # (depth, σ_L … σ_2, guidance weight) -> FID
     for depth, sigmas in models(cfg):
-        guided = cfg.get("guided", True) and depth > 1 and sigmas == default_sigmas(depth)
-        for w in (0.0, CFG) if guided else (0.0,):
-            grids = out if w == 0 and sigmas == default_sigmas(depth) else runs / "samples" / f"sigma{'-'.join(f'{s:g}' for s in sigmas)}-w{w:g}"
+        default = sigmas == default_sigmas(depth)
+        for w in (0.0, CFG) if cfg.get("guided", True) and depth > 1 and default else (0.0,):
+            name = f"sigma{'-'.join(f'{s:g}' for s in sigmas)}-w{w:g}"
+            grids = out if w == 0 and default else runs / "samples" / name  # the README's grids go to out
             fids[depth, tuple(sigmas), w] = fid_of(runs, depth, sigmas, w, cfg, grids, ref, args.device)
             print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[depth, tuple(sigmas), w]:.2f}")
     depth = max(cfg["depths"])

@@ -144,9 +144,10 @@ def load_reference(spec, meta, image_size, n):
 
 
 def reference_batch(refs, start, n):
-    """References of samples start … start+n-1: the one reference repeated, or items of a data split."""
+    """References of samples start … start+n-1: the one reference (1, C, H, W) that all of them share, or
+    the n items of a data split (n, C, H, W)."""
     if isinstance(refs, torch.Tensor):
-        return refs.expand(n, *refs.shape[1:])
+        return refs
     return torch.stack([refs[i][0] for i in range(start, start + n)])
 
 
@@ -196,8 +197,8 @@ def main(args):
             text = encoder.encode_text(prompts)
         kept = []
         if args.reference:
-            x = reference_batch(refs, start, n).to(device)
-            kept = H.encode_image(hier, encoder, x, ref_levels, cache_args.min_crop, vae)
+            x = reference_batch(refs, start, n).to(device)  # a shared reference is encoded once, not n times
+            kept = [z.expand(n, *z.shape[1:]) for z in H.encode_image(hier, encoder, x, ref_levels, cache_args.min_crop, vae)]
         zs, secs = sample_batch(levels, weights, n, args, device, generator, y, text, kept)
         images.append(data.to_uint8(decode(zs[-1], metas[-1], vae)))
         seconds += secs
