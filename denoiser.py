@@ -10,6 +10,11 @@ The paper used U-ViT (Bao et al. 2023: time/label as tokens, long skips). Follow
 use DiT (Peebles & Xie 2023, §3.2): adaLN-Zero blocks conditioned on timestep (+ class) embedding, fixed
 2-D sin-cos positions for the target tokens, zero-initialised modulation and output so a fresh model
 outputs exactly zero. The latent conditions and text keep U-ViT's in-context form (learned positions).
+
+``cond_path`` chooses how the higher latent levels enter: "tokens" (the paper's in-context tokens),
+"adaln" (each level, flattened, through a linear map added to the adaLN vector c = t + Σ_l W_l z_l: DiT's
+strongest scheme, Fig. 5, and RCG's pixel generator, which takes its representation as c = t + Linear(rep))
+or "both". Each path has its own learned null for guidance.
 """
 import math
 
@@ -21,9 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from data import UsageError
 from diffusion import guided_eps
 
+COND_PATHS = ("tokens", "adaln", "both")  # how higher latent levels enter the denoiser (see the module docstring)
+
 SIZES = {
     "tiny": dict(width=64, depth=2, heads=4),     # tests
     "XS": dict(width=192, depth=6, heads=3),      # laptop CPU: the glyph reproduction
+    "XS+": dict(width=192, depth=7, heads=3),     # XS one block deeper: the glyph "L = 1*" baseline (Table 6)
     "S": dict(width=384, depth=12, heads=6),      # DiT-S
     "B": dict(width=768, depth=12, heads=12),     # DiT-B: the paper's width 768 and depth 12 (U-ViT "Mid")
     "L": dict(width=1024, depth=24, heads=16),    # DiT-L
@@ -146,10 +154,12 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, target_shape, patch, cond_shapes=(), num_classes=0, text_shape=None, size="tiny",
-                 p_uncond=0.1, mlp_ratio=4.0):
+                 p_uncond=0.1, mlp_ratio=4.0, cond_path="tokens"):
         super().__init__()
         if size not in SIZES:
             raise UsageError(f"unknown denoiser size {size!r}; choose one of {', '.join(SIZES)}")
+        if cond_path not in COND_PATHS:
+            raise UsageError(f"unknown condition path {cond_path!r}; choose one of {', '.join(COND_PATHS)}")
         if not 0.0 <= p_uncond <= 1.0:
             raise UsageError(f"p_uncond must be in [0, 1], got {p_uncond}")
         C, H, W = target_shape
@@ -159,6 +169,8 @@ class Denoiser(nn.Module):
         self.target_shape, self.patch, self.size = tuple(target_shape), patch, size
         self.cond_shapes = [tuple(s) for s in cond_shapes]
         self.num_classes, self.text_shape, self.p_uncond = num_classes, text_shape, p_uncond
+        self.cond_path = cond_path
+        self.cond_tokens, self.cond_adaln = cond_path in ("tokens", "both"), cond_path in ("adaln", "both")
 
         self.x_embedder = nn.Linear(patch * patch * C, width)
         self.register_buffer("pos_embed", sincos_2d(width, H // patch, W // patch)[None], persistent=False)  # (1, N, D)
@@ -169,10 +181,14 @@ class Denoiser(nn.Module):
             p = token_patch(m)
             if m != m2 or m % p:
                 raise UsageError(f"condition level {(c, m, m2)} must be a square grid divisible by patch {p}")
-            n = (m // p) ** 2
-            self.cond_embedders.append(nn.Linear(p * p * c, width))
-            self.cond_pos.append(nn.Parameter(torch.zeros(1, n, width)))
-            self.cond_null.append(nn.Parameter(torch.zeros(1, n, width)))
+            if self.cond_tokens:
+                n = (m // p) ** 2
+                self.cond_embedders.append(nn.Linear(p * p * c, width))
+                self.cond_pos.append(nn.Parameter(torch.zeros(1, n, width)))
+                self.cond_null.append(nn.Parameter(torch.zeros(1, n, width)))
+        if self.cond_adaln:  # one linear map per level from the whole flattened latent to the adaLN vector
+            self.cond_vec = nn.ModuleList(nn.Linear(c * m * m2, width) for c, m, m2 in self.cond_shapes)
+            self.cond_vec_null = nn.Parameter(torch.zeros(len(self.cond_shapes), width))
         self.y_embedder = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None  # index num_classes = null
         if text_shape is not None:
             n_text, d_text = text_shape
@@ -190,6 +206,8 @@ class Denoiser(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         embeddings = [*self.cond_pos, *self.cond_null, self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight]
+        if self.cond_adaln:
+            embeddings.append(self.cond_vec_null)
         if self.y_embedder is not None:
             embeddings.append(self.y_embedder.weight)
         if self.text_shape is not None:
@@ -231,15 +249,19 @@ class Denoiser(nn.Module):
         B = x.shape[0]
         drop = self._drop_mask(B, x.device, force_drop)[:, None, None]  # (B, 1, 1)
         tokens = [self.x_embedder(patchify(x, self.patch)) + self.pos_embed]  # (B, N_x, D)
-        levels = zip(conds, self.cond_shapes, self.cond_embedders, self.cond_pos, self.cond_null)
-        for z, (_, m, _), embed, pos, null in levels:
-            z = embed(patchify(z, token_patch(m)))  # (B, N_l, D)
-            tokens.append(torch.where(drop, null, z) + pos)  # (B, N_l, D)
+        if self.cond_tokens:
+            levels = zip(conds, self.cond_shapes, self.cond_embedders, self.cond_pos, self.cond_null)
+            for z, (_, m, _), embed, pos, null in levels:
+                z = embed(patchify(z, token_patch(m)))  # (B, N_l, D)
+                tokens.append(torch.where(drop, null, z) + pos)  # (B, N_l, D)
         if text is not None:
             text = self.text_embedder(text)  # (B, N_text, D)
             tokens.append(torch.where(drop, self.text_null, text) + self.text_pos)  # (B, N_text, D)
         h = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
         c = self.t_embedder(t)  # (B, D)
+        if self.cond_adaln:
+            for z, vec, null in zip(conds, self.cond_vec, self.cond_vec_null):
+                c = c + torch.where(drop[:, 0], null, vec(z.flatten(1)))  # (B, D)
         if y is not None:
             c = c + self.y_embedder(torch.where(drop[:, 0, 0], self.num_classes, y))  # (B, D)
         for block in self.blocks:

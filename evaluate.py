@@ -220,6 +220,14 @@ def save_stats(path, mu, sigma, **meta):
     os.replace(tmp, path)
 
 
+def paired_mse(samples, references):
+    """Mean squared pixel error, on a [0, 1] scale, between each sample and the reference it was made from
+    (uint8 (N, H, W, C) arrays of the same shape): how much of an image its latents carry (paper Fig. 4)."""
+    if samples.shape != references.shape:
+        raise data.UsageError(f"paired MSE needs equal shapes, got {samples.shape} and {references.shape}")
+    return float(np.mean((samples.astype(np.float64) / 255 - references.astype(np.float64) / 255) ** 2))
+
+
 def evenly_spaced(total, n):
     """n distinct indices in 0..total-1 (n <= total), spread evenly and deterministically."""
     return (np.arange(n) * total // n).tolist() if n else []
@@ -344,7 +352,7 @@ LAYOUTS = {  # encoder width, image level (C, H, W), image patch
 }
 
 
-def cost_table(size, layout, depths=range(1, 6)):
+def cost_table(size, layout, depths=range(1, 6), cond_path="tokens"):
     """[(depth, level, name, params, GMACs)] for every level of every depth, counted on the meta device."""
     from denoiser import Denoiser, count_params, forward_gmacs
     import hierarchy
@@ -355,7 +363,7 @@ def cost_table(size, layout, depths=range(1, 6)):
         for k, level in enumerate(levels):
             conds = [c.shape for c in levels[:k]]
             with torch.device("meta"):  # shapes only: nothing is allocated or multiplied
-                model = Denoiser(level.shape, level.patch, conds, size=size)
+                model = Denoiser(level.shape, level.patch, conds, size=size, cond_path=cond_path)
                 gmacs = forward_gmacs(model, torch.zeros(1, *level.shape), torch.zeros(1, dtype=torch.long),
                                       conds=[torch.zeros(1, *c) for c in conds])
             rows.append((depth, depth - k, level.name, count_params(model), gmacs))

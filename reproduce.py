@@ -28,12 +28,14 @@ import evaluate
 import hierarchy as H
 import sample
 import train
+from denoiser import COND_PATHS
 
 PRESETS = {
     "quick": dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3),
-                  n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False),  # under 20 min
+                  n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(2,)),
     "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
-                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0), oracle_keep=(1, 2)),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0), oracle_keep=(1, 2),
+                 baseline="XS+", oracle_sigmas=((0.0, 0.0),)),
     # the full preset's depths 1 and 3 with twice the image-level budget (same encoder, same latent levels)
     "long": dict(clip_steps=500, clip_of="full", model="XS", steps=2000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
@@ -87,34 +89,59 @@ def main(args):
     before = {p: p.stat().st_mtime for p in runs.glob("*/ckpt.pt")}
     for depth, sigmas in models(cfg):
         for level in range(depth, 0, -1) if sigmas == default_sigmas(depth) else [1]:
-            steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
-            train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
-                "--level", str(level), "--depth", str(depth), "--model", cfg["model"], "--image-patch", str(IMAGE_PATCH),
-                "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
-                "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume"]
-                + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
+            train_level(args, cfg, runs, depth, level, sigmas, cfg["model"])
+    if cfg.get("baseline"):  # Table 6's L = 1*: one level as large as the hierarchy, same steps and batch
+        train_level(args, cfg, runs, 1, 1, [], cfg["baseline"])
     reused = sorted(p.parent.name for p, mtime in before.items() if p.stat().st_mtime == mtime)
     timings["train"] = time.time() - t
 
     t = step("sampling and FID")
     ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
                                  device=args.device)
-    fids = {}  # (depth, σ_L … σ_2, guidance weight) -> FID
+    sample_fid = lambda depth, sigmas, w, grids, model=cfg["model"], extra=(): fid_of(  # noqa: E731
+        runs, depth, sigmas, w, cfg, grids, ref, args, model, extra)
+    fids, npzs = {}, {}  # (depth, σ_L … σ_2, guidance weight) -> FID, .npz of its samples
     for depth, sigmas in models(cfg):
         default = sigmas == default_sigmas(depth)
         for w in (0.0, CFG) if cfg.get("guided", True) and depth > 1 and default else (0.0,):
             name = f"sigma{'-'.join(f'{s:g}' for s in sigmas)}-w{w:g}"
             grids = out if w == 0 and default else runs / "samples" / name  # the README's grids go to out
-            fids[depth, tuple(sigmas), w] = fid_of(runs, depth, sigmas, w, cfg, grids, ref, args.device)
-            print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[depth, tuple(sigmas), w]:.2f}")
+            key = depth, tuple(sigmas), w
+            fids[key], npzs[key] = sample_fid(depth, sigmas, w, grids)
+            print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[key]:.2f}")
+    baseline = sample_fid(1, [], 0.0, runs / "samples" / "baseline", cfg["baseline"])[0] if cfg.get("baseline") else None
+    # the oracle: the deepest model given the top latents of held-out glyphs; with all of them (keep = L - 1)
+    # the paired pixel error to the glyphs says how much the image level takes from its conditions
     depth = max(cfg["depths"])
-    oracle = {keep: fid_of(runs, depth, default_sigmas(depth), 0.0, cfg, runs / "samples" / "oracle", ref, args.device,
-                           ["--reference", "data:glyphs:test", "--keep", str(keep)])
-              for keep in cfg.get("oracle_keep", ())}
+    refs = reference_images(test_set, cfg["n_samples"])
+    unconditional = evaluate.paired_mse(np.load(npzs[1, (), 0.0])["arr_0"], refs)
+    oracle = {}  # (σ_L … σ_2, top levels kept) -> (FID, paired MSE)
+    for sigmas in [default_sigmas(depth)] + [list(s) for s in cfg.get("oracle_sigmas", ())]:
+        for keep in cfg.get("oracle_keep", ()) if sigmas == default_sigmas(depth) else [depth - 1]:
+            fid, npz = sample_fid(depth, sigmas, 0.0, runs / "samples" / f"oracle-{'-'.join(map(str, sigmas))}",
+                                  extra=["--reference", "data:glyphs:test", "--keep", str(keep)])
+            oracle[tuple(sigmas), keep] = fid, evaluate.paired_mse(np.load(npz)["arr_0"], refs)
     timings["sample+fid"] = time.time() - t
 
     write_results(out, args, cfg, len(train_set), len(test_set), knn, kept, fids, oracle, reused, timings,
-                  time.time() - started)
+                  time.time() - started, baseline, unconditional)
+
+
+def train_level(args, cfg, runs, depth, level, sigmas, model):
+    """Train (or reuse) one level of a depth-``depth`` model with condition noise ``sigmas``."""
+    steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
+    train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
+        "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH),
+        "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
+        "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
+        "--cond-path", args.cond_path] + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
+
+
+def reference_images(test_set, n):
+    """The ``n`` held-out glyphs that ``sample.py --reference data:glyphs:test --n n`` resamples, as its .npz
+    stores them: uint8 (n, H, W, 3)."""
+    x = torch.stack([test_set[i][0] for i in evaluate.evenly_spaced(len(test_set), n)])  # (n, 1, H, W)
+    return np.repeat(data.to_uint8(x), 3, -1)
 
 
 def models(cfg):
@@ -124,19 +151,21 @@ def models(cfg):
                    if s != default_sigmas(d)[-1]]
 
 
-def fid_of(runs, depth, sigmas, w, cfg, out, ref, device, extra=()):
-    """FID of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance weight w) against ``ref``."""
+def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
+    """(FID against ``ref``, the .npz) of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance w)."""
     npz = sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
-        "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", device]
-        + (["--sigma", *map(str, sigmas)] if sigmas else []) + list(extra)))
-    feats = evaluate.inception_features(np.load(npz)["arr_0"], device=device)
-    return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)
+        "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
+        "--model", model, "--cond-path", args.cond_path] + (["--sigma", *map(str, sigmas)] if sigmas else [])
+        + list(extra)))
+    feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
+    return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref), npz
 
 
-def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reused, timings, total):
+def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reused, timings, total, baseline=None,
+                  unconditional=None):
     """results.md (the tables the README quotes) and results.json from one run."""
-    gmacs = {d: sum(g for _, _, _, _, g in evaluate.cost_table(cfg["model"], "glyphs", [d])) for d in cfg["depths"]}
+    gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], "glyphs", [d], args.cond_path)) for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
              f"Command: `python reproduce.py --preset {args.preset}` — machine: {evaluate.machine(args.device)} — "
@@ -151,6 +180,13 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              "|---|---|---|---|"]
     lines += [f"| {d} | {gmacs[d]:.3f} | {fmt((d, tuple(default_sigmas(d)), 0.0))} | "
               f"{fmt((d, tuple(default_sigmas(d)), CFG))} |" for d in cfg["depths"]]
+    depth, deepest = max(cfg["depths"]), fids[max(cfg["depths"]), tuple(default_sigmas(max(cfg["depths"]))), 0.0]
+    ratios = {f"depth{depth}/depth1": deepest / fids[1, (), 0.0]}
+    if baseline is not None:  # Table 6's 1*: one level of about the deepest model's forward GMACs
+        ratios[f"depth{depth}/1*"] = deepest / baseline
+        gmacs_1star = sum(g for *_, g in evaluate.cost_table(cfg["baseline"], "glyphs", [1]))
+        lines += [f"| 1* ({cfg['baseline']}) | {gmacs_1star:.3f} | {baseline:.2f} | — |"]
+    lines += ["", "FID ratios, no guidance: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())]
     if cfg["sigma_sweep"]:
         lines += ["", "σ_2 (the noise on the image level's parent latent) as in Table 1, no guidance; "
                   "* = the paper's value:", "",
@@ -161,11 +197,13 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
             cells = [fmt((d, tuple(top + [s]), 0.0)) + ("*" if s == default else "") for s in cfg["sigma_sweep"]]
             lines.append(f"| {d} | {', '.join(f'{s:g}' for s in top) or '—'} | " + " | ".join(cells) + " |")
     if oracle:
-        depth = max(cfg["depths"])
-        lines += ["", f"Depth {depth} with its top latents taken from {cfg['n_samples']} held-out glyphs themselves "
-                  f"(`sample.py --reference data:glyphs:test --keep K`), the lower levels sampled, no guidance:", "",
-                  "| top levels kept | FID ↓ |", "|---|---|"]
-        lines += [f"| {', '.join(f'z_{depth - i}' for i in range(keep))} | {fid:.2f} |" for keep, fid in oracle.items()]
+        lines += ["", f"The oracle: depth {depth} given the top latents of {cfg['n_samples']} held-out glyphs "
+                  f"(`sample.py --reference data:glyphs:test --keep K`), the lower levels sampled, no guidance. "
+                  f"Paired MSE: mean squared pixel error ([0, 1] scale) of each resample to its own glyph; "
+                  f"unconditional (depth-1) samples paired with the same glyphs: {unconditional:.4f}.", "",
+                  "| σ_L … σ_2 trained with | top levels kept | FID ↓ | paired MSE ↓ |", "|---|---|---|---|"]
+        lines += [f"| {', '.join(f'{s:g}' for s in sig)} | {', '.join(f'z_{depth - i}' for i in range(keep))} | "
+                  f"{fid:.2f} | {mse:.4f} |" for (sig, keep), (fid, mse) in oracle.items()]
     lines += ["", "Glyph CLIP, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
               "| weights | top-1 | top-5 |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.3f} | {top5:.3f} |" for name, top1, top5 in knn]
@@ -174,7 +212,9 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({
         "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
-        "oracle": oracle, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
+        "ratios": ratios, "baseline_1star": baseline, "unconditional_mse": unconditional,
+        "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
+        "cond_path": args.cond_path, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
         indent=1))
     print("\n" + "\n".join(lines))
 
@@ -190,6 +230,8 @@ def get_parser():
     p.add_argument("--cache-dir", default="cache", help="latent caches")
     p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>)")
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
+    p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
+                   help="how the latent levels enter each denoiser (train.py --cond-path)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     return p
 

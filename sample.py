@@ -29,6 +29,7 @@ import data
 import evaluate
 import hierarchy as H
 import train
+from denoiser import COND_PATHS
 from diffusion import SAMPLERS, Diffusion
 
 CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
@@ -38,15 +39,17 @@ CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]
 # Finding and loading the levels of a depth-L model
 # ----------------------------------------------------------------------------------------------------
 
-def find_levels(run, depth, cond, model=None, sigma=None):
+def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None):
     """The run folders of levels L … 1 of a depth-L model, top-down (matched on what each level generates
     and is conditioned on, so levels shared with shallower models are found too). ``sigma`` (σ_L … σ_2, as
     train.py --sigma for the image level) picks among versions trained with different condition noise:
-    level l was trained with its first L − l values."""
+    level l was trained with its first L − l values; ``cond_path`` among versions whose conditions enter
+    by another path (train.py --cond-path)."""
     if sigma is not None and len(sigma) != depth - 1:
         raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
     metas = [json.loads(p.read_text()) | {"dir": str(p.parent)} for p in sorted(Path(run).glob("*/meta.json"))]
-    metas = [m for m in metas if m["cond"] == cond and (model is None or m["model"] == model)]
+    metas = [m for m in metas if m["cond"] == cond and (model is None or m["model"] == model)
+             and (cond_path is None or not m["cond_grids"] or m.get("cond_path", "tokens") == cond_path)]
     found = []
     for level in range(depth, 0, -1):
         grids = [2 ** k for k in range(depth - level)]
@@ -87,13 +90,21 @@ def cfg_weights(cfg, cond, depth):
 # ----------------------------------------------------------------------------------------------------
 
 def level_eps(model, conds, sigmas, y, text, w, gamma, T, generator):
-    """ε(x_t, t) of one level: plain with clean conditions when w = 0, else CFG on γ-noised conditions."""
+    """ε(x_t, t) of one level on conditions noised as N(z, (t/T)^γ σ² I) (γ = inf: clean): plain when w = 0,
+    else CFG."""
     def eps(x, t):
-        if w == 0 or not model.has_conditions:
-            return model(x, t, conds, y, text)
         noisy = [H.noise_sample(z, s, t, T, gamma, generator) for z, s in zip(conds, sigmas)]
+        if w == 0 or not model.has_conditions:
+            return model(x, t, noisy, y, text)
         return model.forward_with_cfg(x, t, noisy, y, text, w)
     return eps
+
+
+def condition_gamma(gamma, w):
+    """γ of the condition noise: as given, else the paper's 0.3 under guidance and none (inf) without (Table 3)."""
+    if gamma is not None:
+        return gamma
+    return 0.3 if w != 0 else math.inf
 
 
 @torch.no_grad()
@@ -104,7 +115,8 @@ def sample_batch(levels, weights, n, args, device, generator, y=None, text=None,
     for k, (model, diffusion, meta) in enumerate(levels):
         start = time.time()
         if k >= len(kept):
-            eps = level_eps(model, zs, meta["sigmas"], y, text, weights[k], args.gamma, diffusion.T, generator)
+            gamma = condition_gamma(args.gamma, weights[k])
+            eps = level_eps(model, zs, meta["sigmas"], y, text, weights[k], gamma, diffusion.T, generator)
             clip = 1.0 if meta["target_image"] and meta["image_space"] == "pixels" else None
             zs.append(diffusion.sample(eps, (n, *meta["target"]), args.steps, args.sampler, args.eta, generator,
                                        clip=clip, device=device))
@@ -164,7 +176,7 @@ def save_labelled_grid(images, path, label):
 
 def main(args):
     device = torch.device(args.device)
-    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma)
+    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma, args.cond_path)
     if args.prompt is not None and args.cond != "text":
         raise data.UsageError(f"--prompt needs a text-conditional model (--cond text); this one is --cond {args.cond}")
     if args.class_id is not None and args.cond != "class":
@@ -230,6 +242,8 @@ def get_parser():
     p.add_argument("--model", default=None, help="denoiser size, when a level was trained at several sizes")
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ_L … σ_2 (top-down) the levels were trained with, when a level has several versions")
+    p.add_argument("--cond-path", choices=COND_PATHS, default=None,
+                   help="how the levels take their conditions (train.py --cond-path), when several versions exist")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps per level")
@@ -239,7 +253,9 @@ def get_parser():
     p.add_argument("--cfg", type=float, nargs="+", default=None,
                    help="guidance weight, one for all levels or one per level top-down "
                         "(default: none 0.8; class 0.5 0.4 0.3 0.2 0.1; text 1.0); 0 = no guidance")
-    p.add_argument("--gamma", type=float, default=0.3, help="decay of the condition noise under guidance (inf: clean)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="condition noise N(z, (t/T)^γ σ² I) at sampling, with or without guidance (inf: clean; "
+                        "default: the paper's 0.3 under guidance, clean without, Table 3)")
     p.add_argument("--class", dest="class_id", type=int, default=None, help="class id for a class-conditional model")
     p.add_argument("--prompt", default=None, help="text for a text-conditional model")
     p.add_argument("--reference", default=None,

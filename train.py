@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 import hierarchy as H
-from denoiser import SIZES, Denoiser, count_params
+from denoiser import COND_PATHS, SIZES, Denoiser, count_params
 from diffusion import SCHEDULES, Diffusion
 
 CONDS = ("none", "class", "text")
@@ -56,17 +56,19 @@ def level_plan(args, hier):
     return levels[k], conds, sigmas
 
 
-def level_key(target, conds, sigmas, cond, model):
-    """Run-folder name: what the level generates, what it is conditioned on (with σ), mode and size."""
+def level_key(target, conds, sigmas, cond, model, cond_path="tokens"):
+    """Run-folder name: what the level generates, what it is conditioned on (with σ and, unless it is the
+    paper's in-context tokens, the condition path), mode and size."""
     given = "+".join(f"{c.name}s{s:g}" for c, s in zip(conds, sigmas)) or "nothing"
-    return f"{target.name}p{target.patch}-given-{given}-{cond}-{model}"
+    path = f"-{cond_path}" if conds and cond_path != "tokens" else ""
+    return f"{target.name}p{target.patch}-given-{given}{path}-{cond}-{model}"
 
 
 def build_model(meta):
     """The Denoiser described by a checkpoint's ``meta`` (also used by sample.py)."""
     return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],
                     num_classes=meta["num_classes"], text_shape=meta["text_shape"] and tuple(meta["text_shape"]),
-                    size=meta["model"], p_uncond=meta["p_uncond"])
+                    size=meta["model"], p_uncond=meta["p_uncond"], cond_path=meta.get("cond_path", "tokens"))
 
 
 def schedule_for(args, hier, target):
@@ -209,12 +211,13 @@ def train(args):
     hier = H.build_cache(args) if rank else hier
     check_args(args, hier)
     target, conds, sigmas = level_plan(args, hier)
-    key = level_key(target, conds, sigmas, args.cond, args.model)
+    cond_path = args.cond_path if conds else "tokens"  # the top level has no latent condition
+    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path)
     run = Path(args.run or f"runs/{H.data_tag(args.data)}") / key
     ckpt_path = run / "ckpt.pt"
     meta = {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
             "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
-            "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond,
+            "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond, "cond_path": cond_path,
             "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
             "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
             "cache": str(hier.root), "image_space": hier.meta["image_space"], "data": args.data}
@@ -317,6 +320,9 @@ def get_parser():
     p.add_argument("--depth", type=int, default=5, help="number of levels L (the paper's main model: 5)")
     p.add_argument("--cond", choices=CONDS, default="none", help="unconditional, class-conditional or text-conditional")
     p.add_argument("--model", choices=list(SIZES), default="B", help="denoiser size (B = the paper's width 768, depth 12)")
+    p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
+                   help="how higher latent levels enter the denoiser: tokens (the paper's in-context tokens), "
+                        "adaln (added to the adaLN vector, DiT's strongest scheme) or both")
     p.add_argument("--image-patch", type=int, default=None, help="patch of the image level (default: 2 for SD-VAE, H/16 for pixels)")
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ of each condition level, top-down (default: the paper's, per --cond: "
