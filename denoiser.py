@@ -10,6 +10,8 @@ The paper used U-ViT (Bao et al. 2023: time/label as tokens, long skips). Follow
 use DiT (Peebles & Xie 2023, §3.2): adaLN-Zero blocks conditioned on timestep (+ class) embedding, fixed
 2-D sin-cos positions for the target tokens, zero-initialised modulation and output so a fresh model
 outputs exactly zero. The latent conditions and text keep U-ViT's in-context form (learned positions).
+A level's checkpoint (its weights, EMA, optimiser state and the meta describing the model) is read and
+the model rebuilt here, so sampling and evaluation never import the training script.
 """
 import math
 
@@ -18,8 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import data
 from data import UsageError
 from diffusion import guided_eps
+
+CONDS = ("none", "class", "text")  # conditioning modes: unconditional, class labels, text (paper §4)
 
 SIZES = {
     "tiny": dict(width=64, depth=2, heads=4),     # tests
@@ -258,6 +263,37 @@ class Denoiser(nn.Module):
         eps = self.forward(two(x), two(t), [two(z) for z in conds], two(y), two(text), force_drop)  # (2B, C, H, W)
         eps_c, eps_u = eps.chunk(2)
         return guided_eps(eps_c, eps_u, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: a level's denoiser on disk
+# ----------------------------------------------------------------------------------------------------
+
+def build_model(meta):
+    """The Denoiser described by a level's ``meta`` (meta.json of its run folder, also stored in ckpt.pt)."""
+    return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],
+                    num_classes=meta["num_classes"], text_shape=meta["text_shape"] and tuple(meta["text_shape"]),
+                    size=meta["model"], p_uncond=meta["p_uncond"])
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous checkpoint."""
+    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path):
+    """A checkpoint on the CPU (never straight onto the GPU: DiT PR #36)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0]})") from e
+
+
+def load_denoiser(meta, path, use_ema=True):
+    """The trained denoiser of a level (its EMA weights unless ``use_ema`` is False), on the CPU."""
+    model = build_model(meta)
+    model.load_state_dict(load_checkpoint(path)["ema" if use_ema else "model"])
+    return model
 
 
 def count_params(model) -> int:

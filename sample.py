@@ -28,7 +28,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import hierarchy as H
-import train
+from denoiser import CONDS, load_denoiser
 from diffusion import SAMPLERS, Diffusion
 
 CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
@@ -67,9 +67,7 @@ def find_levels(run, depth, cond, model=None, sigma=None):
 
 def load_level(meta, device, use_ema=True):
     """(denoiser in eval mode, its Diffusion) from a level's run folder."""
-    state = train.load_checkpoint(Path(meta["dir"]) / "ckpt.pt")
-    model = train.build_model(meta)
-    model.load_state_dict(state["ema" if use_ema else "model"])
+    model = load_denoiser(meta, Path(meta["dir"]) / "ckpt.pt", use_ema)
     return model.to(device).eval(), Diffusion(meta["schedule"], meta["T"])
 
 
@@ -226,7 +224,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--depth", type=int, default=5, help="number of levels L")
     p.add_argument("--run-dir", "--run", dest="run", default="runs/glyphs", help="folder of trained levels (train.py --run-dir)")
-    p.add_argument("--cond", choices=train.CONDS, default="none", help="which trained family to sample")
+    p.add_argument("--cond", choices=CONDS, default="none", help="which trained family to sample")
     p.add_argument("--model", default=None, help="denoiser size, when a level was trained at several sizes")
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ_L … σ_2 (top-down) the levels were trained with, when a level has several versions")

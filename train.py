@@ -30,11 +30,8 @@ from tqdm import tqdm
 
 import data
 import hierarchy as H
-from denoiser import SIZES, Denoiser, count_params
+from denoiser import CONDS, SIZES, build_model, count_params, load_checkpoint, save_checkpoint
 from diffusion import SCHEDULES, Diffusion
-
-CONDS = ("none", "class", "text")
-
 
 # ----------------------------------------------------------------------------------------------------
 # What a level is: its levels, its name, its model
@@ -62,13 +59,6 @@ def level_key(target, conds, sigmas, cond, model):
     return f"{target.name}p{target.patch}-given-{given}-{cond}-{model}"
 
 
-def build_model(meta):
-    """The Denoiser described by a checkpoint's ``meta`` (also used by sample.py)."""
-    return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],
-                    num_classes=meta["num_classes"], text_shape=meta["text_shape"] and tuple(meta["text_shape"]),
-                    size=meta["model"], p_uncond=meta["p_uncond"])
-
-
 def schedule_for(args, hier, target):
     """β schedule: the paper's scaled-linear, except linear for pixel images (its √ᾱ_T ≈ 0.068 leaks signal)."""
     if args.schedule != "auto":
@@ -93,19 +83,6 @@ def update_ema(ema, model, decay):
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
-
-
-def save_checkpoint(path, obj):
-    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous checkpoint."""
-    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_checkpoint(path):
-    """A checkpoint on the CPU (never straight onto the GPU: DiT PR #36)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise data.UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0]})") from e
 
 
 def rng_state():

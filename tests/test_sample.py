@@ -1,6 +1,9 @@
 """Cascaded sampling: determinism, the unguided path, hierarchical resampling of a reference, outputs, bad input."""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +184,9 @@ def test_missing_level_names_the_train_command(run, tmp_path):
 def test_bad_input(run, extra, message):
     with pytest.raises(data.UsageError, match=message):
         sample.main(sample_args(run, *extra))
+
+
+def test_sampling_and_evaluation_do_not_import_training():
+    """Checkpoint reading and model building live with the model (denoiser.py), not in train.py."""
+    code = "import sys, sample, evaluate; assert 'train' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
