@@ -16,6 +16,7 @@ ImageNet/ImageFolder images use ADM's centre crop (as in DiT's ``center_crop_arr
 """
 import argparse
 import bz2
+import errno
 import hashlib
 import importlib.util
 import io
@@ -43,12 +44,44 @@ class UsageError(Exception):
 
 
 def run_main(main, args):
-    """Run a script's ``main(args)``; a UsageError becomes one line on stderr and exit code 2."""
+    """Run a script's ``main(args)``: a UsageError becomes one line on stderr and exit code 2; an OSError (a
+    read-only folder, a full disk) one line and exit code 1; Ctrl-C one line and exit code 130."""
     try:
         return main(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def describe_os_error(e):
+    """One line for an OSError: what failed, on which file, and what to do."""
+    where = f" ({e.filename})" if e.filename else ""
+    hint = {errno.ENOSPC: "; free disk space and run the command again",
+            errno.EDQUOT: "; free disk space and run the command again",
+            errno.EACCES: "; the folder is not writable: pick another output folder or fix its permissions",
+            errno.EROFS: "; the file system is read-only: pick another output folder"}.get(e.errno, "")
+    return f"{e.strerror or e}{where}{hint}"
+
+
+def check_range(flag, value, low, high=None, strict=False):
+    """UsageError unless ``low`` <= value (``low`` < value if ``strict``) and value <= ``high``, naming the
+    flag; ``value`` may be a list (each checked) or None (a default left unset passes)."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is not None and ((v <= low if strict else v < low) or (high is not None and v > high)):
+            want = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise UsageError(f"{flag} must be {want}, got {v}")
+
+
+def check_dataset_name(name):
+    """UsageError unless ``name`` is one of DATASETS (folder:PATH with any PATH)."""
+    if name not in DATASETS[:-1] and not name.startswith("folder:"):
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 def atomic_write(path, write):
@@ -331,9 +364,8 @@ def build_dataset(name, split="train", image_size=64, data_path=None, data_dir="
         return ImageFolder(sub, image_size)
     if name == "coco":
         return Coco(data_path or DEFAULT_PATHS["coco"], split, image_size)
-    if name.startswith("folder:"):
-        return ImageFolder(name[len("folder:"):], image_size, held_out=split == "test")
-    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    check_dataset_name(name)
+    return ImageFolder(name[len("folder:"):], image_size, held_out=split == "test")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ outputs exactly zero. The latent conditions and text keep U-ViT's in-context for
 A level's checkpoint (its weights, EMA, optimiser state and the meta describing the model) is read and
 the model rebuilt here, so sampling and evaluation never import the training script.
 """
+import errno
 import math
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -277,8 +280,15 @@ def build_model(meta):
 
 
 def save_checkpoint(path, obj):
-    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous checkpoint."""
-    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous checkpoint. A failed
+    write (torch reports a full disk as "basic_ios::clear: iostream error") is an OSError naming the file."""
+    try:
+        data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as e:
+        free = shutil.disk_usage(Path(path).parent).free
+        raise OSError(errno.ENOSPC if free < 1 << 20 else errno.EIO,
+                      f"cannot write the checkpoint ({str(e).splitlines()[0]}; {free >> 20} MiB free on its disk); "
+                      "the previous checkpoint is kept", str(path)) from e
 
 
 def load_checkpoint(path):

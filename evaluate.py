@@ -432,7 +432,16 @@ def get_parser():
     return p
 
 
+def check_flags(args):
+    """The checks that need no data: they run before any file is read."""
+    limits = {"batch_size": 1, "max_n": 2, "num_workers": 0, "image_size": 1, "k": 1, "depth": 1}
+    for name, low in limits.items():
+        data.check_range(f"--{name.replace('_', '-')}", getattr(args, name, None), low)
+    data.check_range("--temperature", getattr(args, "temperature", None), 0, strict=True)
+
+
 def main(args):
+    check_flags(args)
     return args.func(args)
 
 

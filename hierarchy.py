@@ -183,6 +183,11 @@ class Hierarchy:
         return level_specs(depth, self.enc_dim, self.image_shape, image_patch)
 
     def reduction(self, level):
+        """The channel reduction of a latent level; a UsageError if the cache has too few training vectors."""
+        have = self.pca[level.grid]["basis"].shape[1]
+        if have < level.channels:
+            raise data.UsageError(f"the latent cache {self.root} has {have} training vectors at grid {level.grid}, "
+                                  f"fewer than the {level.channels} channels of {level.name}; use more training images")
         return Reduction(self.pca[level.grid], level.channels)
 
     def features(self, split, grid):
@@ -352,7 +357,11 @@ def add_hierarchy_args(p):
 
 
 def resolve_defaults(args):
-    """Fill the dataset-dependent defaults of add_hierarchy_args in place."""
+    """Check the flags of add_hierarchy_args (before anything is read or built) and fill the
+    dataset-dependent defaults in place."""
+    data.check_dataset_name(args.data)
+    for flag, low in (("--image-size", 1), ("--min-crop", 1), ("--encode-batch", 1), ("--workers", 0)):
+        data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     glyphs = args.data == "glyphs"
     args.image_size = args.image_size or (32 if glyphs else 256)
     args.clip = args.clip or ("glyph-clip" if glyphs else "ViT-B-16")
@@ -365,6 +374,7 @@ def resolve_defaults(args):
 
 
 def main(args):
+    data.check_range("--depth", args.depth, 1)
     resolve_defaults(args)
     start = time.time()
     hier = build_cache(args)

@@ -160,15 +160,33 @@ def save_labelled_grid(images, path, label):
         out.save(path)
 
 
-def main(args):
-    device = torch.device(args.device)
-    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma)
+def check_flags(args):
+    """The checks that need no trained level: they run before anything is loaded."""
+    for flag, low in (("--depth", 1), ("--n", 1), ("--batch", 1), ("--steps", 1), ("--eta", 0), ("--gamma", 0)):
+        data.check_range(flag, getattr(args, flag[2:]), low)
+    if args.reference and not 0 <= args.keep < args.depth:
+        raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
     if args.prompt is not None and args.cond != "text":
         raise data.UsageError(f"--prompt needs a text-conditional model (--cond text); this one is --cond {args.cond}")
     if args.class_id is not None and args.cond != "class":
         raise data.UsageError(f"--class needs a class-conditional model (--cond class); this one is --cond {args.cond}")
-    if args.reference and not 0 <= args.keep < args.depth:
-        raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
+
+
+def check_levels(args, metas):
+    """The checks against the trained levels: class id range and sampling steps."""
+    classes = metas[0]["num_classes"]
+    if args.class_id is not None and not 0 <= args.class_id < classes:
+        raise data.UsageError(f"--class {args.class_id} is outside 0..{classes - 1} (the model's {classes} classes)")
+    T = min(m["T"] for m in metas)
+    if args.steps > T:
+        raise data.UsageError(f"--steps {args.steps} is more than the {T} diffusion steps the levels were trained with")
+
+
+def main(args):
+    check_flags(args)
+    device = torch.device(args.device)
+    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma)
+    check_levels(args, metas)
     weights = cfg_weights(args.cfg, args.cond, args.depth)
     levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]
     hier = H.Hierarchy(metas[0]["cache"])

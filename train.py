@@ -162,23 +162,37 @@ class GlobalDraw:
         return torch.randint(0, high, (n,), generator=self.g, device=like.device)[self.rank::self.world]
 
 
-def check_args(args, hier):
+def check_flags(args):
+    """The checks that need no data: they run before any cache is built or model made."""
+    data.check_range("--depth", args.depth, 1)
     if not 1 <= args.level <= args.depth:
         raise data.UsageError(f"--level {args.level} is outside 1..{args.depth} (level 1 = image, {args.depth} = top)")
+    if args.sigma and len(args.sigma) != args.depth - args.level:
+        raise data.UsageError(f"--sigma takes {args.depth - args.level} values (one per level above {args.level})")
+    for flag, low in (("--steps", 1), ("--batch-size", 1), ("--log-every", 1), ("--ckpt-every", 1), ("--T", 2),
+                      ("--warmup", 0), ("--weight-decay", 0), ("--sigma", 0), ("--image-patch", 1)):
+        data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    data.check_range("--lr", args.lr, 0, strict=True)
+    data.check_range("--p-uncond", args.p_uncond, 0, 1)
+    data.check_range("--ema", args.ema, 0, 1)
+    if not all(0 <= b < 1 for b in args.betas):
+        raise data.UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
+    H.resolve_defaults(args)
+
+
+def check_args(args, hier):
     if args.cond == "text" and not any(any(c) for c in hier.captions("train")[:100]):
         raise data.UsageError(f"--cond text needs captions, and {args.data} has none; use --cond none or class")
     if args.cond == "class" and hier.meta["num_classes"] == 0:
         raise data.UsageError(f"--cond class needs class labels, and {args.data} has none")
-    if args.sigma and len(args.sigma) != args.depth - args.level:
-        raise data.UsageError(f"--sigma takes {args.depth - args.level} values (one per level above {args.level})")
     if args.batch_size % args.world:
         raise data.UsageError(f"--batch-size {args.batch_size} is not divisible by the {args.world} processes")
 
 
 def train(args):
+    check_flags(args)
     rank, world, device = setup_distributed(args.device)
     args.world = world
-    H.resolve_defaults(args)
     if rank == 0:
         hier = H.build_cache(args)  # only builds what is missing
     if world > 1:

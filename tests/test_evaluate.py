@@ -199,6 +199,16 @@ def test_usage_error_is_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and "nope.npz not found" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["fid", "a.npz", "b.npz", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["fid", "a.npz", "b.npz", "--max-n", "1"], "--max-n must be >= 2"),
+    (["knn", "--train", "a.npz", "--test", "b.npz", "--k", "0"], "--k must be >= 1"),
+])
+def test_flags_are_checked_before_reading(flags, message):
+    with pytest.raises(data.UsageError, match=message):
+        evaluate.main(evaluate.get_parser().parse_args(flags))
+
+
 def test_evenly_spaced():
     assert evaluate.evenly_spaced(10, 10) == list(range(10))
     assert evaluate.evenly_spaced(10, 4) == [0, 2, 5, 7]

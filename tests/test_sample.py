@@ -1,5 +1,6 @@
 """Cascaded sampling: determinism, the unguided path, hierarchical resampling of a reference, outputs, bad input."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,11 @@ def test_missing_level_names_the_train_command(run, tmp_path):
     (("--reference", "/nonexistent.png", "--keep", "1"), "cannot read reference"),
     (("--keep", "3", "--reference", "x.png"), "--keep takes 0..2"),
     (("--cfg", "0.1", "0.2"), "2 weights for 3 levels"),
+    (("--depth", "0"), "--depth must be >= 1"),
+    (("--n", "0"), "--n must be >= 1"),
+    (("--batch", "0"), "--batch must be >= 1"),
+    (("--steps", "0"), "--steps must be >= 1"),
+    (("--steps", "1001"), "more than the 1000 diffusion steps"),
 ])
 def test_bad_input(run, extra, message):
     with pytest.raises(data.UsageError, match=message):
@@ -190,3 +196,14 @@ def test_sampling_and_evaluation_do_not_import_training():
     """Checkpoint reading and model building live with the model (denoiser.py), not in train.py."""
     code = "import sys, sample, evaluate; assert 'train' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
+
+
+def test_class_out_of_range_is_refused(run, tmp_path):
+    """The class ids of a class-conditional model are 0..K-1; K (the null index) and above are refused."""
+    for p in (run / "runs").iterdir():  # the levels relabelled as class-conditional with 2 classes
+        meta = json.loads((p / "meta.json").read_text())
+        (tmp_path / "runs" / p.name).mkdir(parents=True)
+        (tmp_path / "runs" / p.name / "meta.json").write_text(json.dumps({**meta, "cond": "class", "num_classes": 2}))
+    for bad in ("2", "-1"):
+        with pytest.raises(data.UsageError, match=f"--class {bad} is outside 0..1"):
+            sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cond", "class", "--class", bad))

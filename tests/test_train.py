@@ -187,3 +187,34 @@ def test_ema_decay_warms_up_to_the_paper_value():
     assert train.ema_decay(0.9999, 0) == pytest.approx(0.1)
     assert train.ema_decay(0.9999, 90) == pytest.approx(91 / 100)
     assert train.ema_decay(0.9999, 10**6) == 0.9999
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--level", 7, "--depth", 5), "outside 1..5"),
+    (("--depth", 0), "--depth must be >= 1"),
+    (("--steps", 0), "--steps must be >= 1"),
+    (("--steps", -3), "--steps must be >= 1"),
+    (("--batch-size", 0), "--batch-size must be >= 1"),
+    (("--log-every", 0), "--log-every must be >= 1"),
+    (("--ckpt-every", 0), "--ckpt-every must be >= 1"),
+    (("--T", 0), "--T must be >= 2"),
+    (("--encode-batch", 0), "--encode-batch must be >= 1"),
+    (("--lr", 0), "--lr must be > 0"),
+    (("--p-uncond", 1.5), "--p-uncond must be >= 0 and <= 1"),
+    (("--betas", 0.9, 1.0), "--betas must each be in"),
+    (("--sigma", -1, 0), "--sigma must be >= 0"),
+    (("--data", "imagenett"), "unknown dataset 'imagenett'"),
+])
+def test_flags_are_checked_before_any_cache_is_built(tmp_path, extra, message):
+    args = argv(tmp_path, 1, 3, "--steps", 1, *extra)
+    args.cache_dir = str(tmp_path / "new-cache")
+    with pytest.raises(data.UsageError, match=message):
+        train.train(args)
+    assert not (tmp_path / "new-cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--level", "7", "--depth", "5", "--cache-dir", str(tmp_path / "c")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --level 7 is outside 1..5 (level 1 = image, 5 = top)"]
+    assert not (tmp_path / "c").exists()
