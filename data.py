@@ -84,10 +84,29 @@ def check_dataset_name(name):
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+def save_npz(path, **arrays):
+    """np.savez written atomically (``path`` is used as given: no .npz appended)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+def read_json(path, remedy):
+    """The JSON object in ``path``, or a UsageError naming the damaged file and ``remedy``."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is damaged ({e}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} is damaged (not a JSON object); {remedy}")
+    return obj
+
+
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share a temporary file
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -15,6 +15,7 @@ the model rebuilt here, so sampling and evaluation never import the training scr
 """
 import errno
 import math
+import pickle
 import shutil
 from pathlib import Path
 
@@ -291,18 +292,33 @@ def save_checkpoint(path, obj):
                       "the previous checkpoint is kept", str(path)) from e
 
 
-def load_checkpoint(path):
-    """A checkpoint on the CPU (never straight onto the GPU: DiT PR #36)."""
+def load_checkpoint(path, keys=("model", "ema", "meta", "step")):
+    """A checkpoint on the CPU (never straight onto the GPU: DiT PR #36), read with weights_only (a pickle
+    that would run code is refused); a UsageError naming the file if it is damaged or not one of ours."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0]})") from e
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path} holds objects other than weights and plain data ({str(e).splitlines()[0][:80]}...); "
+                         "refused, since reading it could run code: use a checkpoint written by train.py") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "it is damaged or empty: retrain the level, or restore the file") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)}); "
+                         "retrain the level, or restore the file")
+    return state
 
 
 def load_denoiser(meta, path, use_ema=True):
     """The trained denoiser of a level (its EMA weights unless ``use_ema`` is False), on the CPU."""
     model = build_model(meta)
-    model.load_state_dict(load_checkpoint(path)["ema" if use_ema else "model"])
+    try:
+        model.load_state_dict(load_checkpoint(path)["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise UsageError(f"{path} does not hold the model its meta.json describes ({meta['key']}: "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                         "retrain the level, or restore the file") from None
     return model
 
 

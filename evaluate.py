@@ -212,12 +212,8 @@ def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None):
 
 def save_stats(path, mu, sigma, **meta):
     """Write mu and sigma (ADM's keys) plus metadata atomically: a killed run leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **meta)
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data.save_npz(path, mu=mu, sigma=sigma, **meta)
 
 
 def evenly_spaced(total, n):

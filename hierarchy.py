@@ -200,6 +200,20 @@ class Hierarchy:
         return json.loads((self.root / f"{split}-captions.json").read_text())
 
 
+def locate_cache(meta, run_dir, cache_dir="cache"):
+    """The latent cache of a trained level: its path relative to the level's run folder (so a run folder
+    moved together with its cache still finds it, from any working directory), else the folder of that
+    name under ``cache_dir``. Older meta.json files stored the path itself: it is tried too."""
+    name = Path(meta["cache"]).name
+    tried = [Path(run_dir) / meta["cache_rel"]] if "cache_rel" in meta else []
+    tried += [Path(cache_dir) / name] + ([Path(meta["cache"])] if meta["cache"] != name else [])
+    for root in tried:
+        if (root / "meta.json").exists():
+            return Hierarchy(root)
+    raise data.UsageError(f"latent cache {name} of {run_dir} not found (tried {', '.join(map(str, tried))}); "
+                          "pass --cache-dir the folder that holds it")
+
+
 def build_cache(args, encoder=None, vae=None):
     """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy."""
     root = Path(args.cache_dir) / cache_name(args)

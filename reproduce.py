@@ -128,7 +128,7 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, device, extra=()):
     """FID of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance weight w) against ``ref``."""
     npz = sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
-        "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", device]
+        "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", device, "--overwrite"]
         + (["--sigma", *map(str, sigmas)] if sigmas else []) + list(extra)))
     feats = evaluate.inception_features(np.load(npz)["arr_0"], device=device)
     return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)

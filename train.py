@@ -189,6 +189,76 @@ def check_args(args, hier):
         raise data.UsageError(f"--batch-size {args.batch_size} is not divisible by the {args.world} processes")
 
 
+# what a resumed run may change (recorded in meta.json's "resumes"); the rest of args must match the checkpoint's,
+# apart from the flags the level's key and its cache's name already pin down (level, depth, σ, patch, data, encoder)
+RESUME_FREE = ("steps", "log_every", "ckpt_every", "device", "precision", "compile", "run", "world",
+               "cache_dir", "data_dir", "data_path", "encode_batch", "workers")
+RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "batch_size")
+META_FREE = ("level", "depth", "cache", "cache_rel", "resumes")  # the same level is shared by several depths
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _shown(v):
+    """A value as typed on the command line: lists space-separated."""
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def resume_changes(state, meta, args):
+    """(refused, allowed): "name old -> new" for each difference between a checkpoint and this run in what
+    defines the model or its optimisation (refused), and in the settings a resumed run may change (allowed)."""
+    old_meta, old_args = state["meta"], state["args"]
+    refused = [f"{k} {_shown(old_meta[k])} -> {_shown(meta[k])}" for k in meta
+               if k in old_meta and k not in META_FREE and _plain(old_meta[k]) != _plain(meta[k])]
+    if Path(old_meta["cache"]).name != meta["cache"]:
+        refused.append(f"latent cache {Path(old_meta['cache']).name} -> {meta['cache']}")
+    diff = {k: [old_args[k], getattr(args, k)] for k in old_args
+            if hasattr(args, k) and _plain(old_args[k]) != _plain(getattr(args, k))}
+    refused += [f"--{k.replace('_', '-')} {_shown(a)} -> {_shown(b)}" for k, (a, b) in diff.items() if k in RESUME_FIXED]
+    return refused, {k: v for k, v in diff.items() if k in RESUME_FREE}
+
+
+def previous_state(ckpt_path, meta, args):
+    """The checkpoint this run continues (None for a new level), after checking that it may: the same
+    level (never overwrite another one), --resume given unless it is already trained, nothing changed that
+    defines the model or its optimisation. The allowed changes are recorded in meta["resumes"]."""
+    if not ckpt_path.exists():
+        return None
+    state = load_checkpoint(ckpt_path, ("model", "ema", "opt", "args", "meta", "step", "rng"))
+    if state["meta"]["key"] != meta["key"]:  # another level, depth, σ or size: never overwrite it
+        raise data.UsageError(f"{ckpt_path} holds another model (key {state['meta']['key']}); use another --run-dir")
+    if state["step"] >= args.steps:
+        return state
+    if not args.resume:
+        raise data.UsageError(f"{ckpt_path} exists ({state['step']} steps); pass --resume to continue it, "
+                              "or use another --run-dir")
+    refused, allowed = resume_changes(state, meta, args)
+    if refused:
+        raise data.UsageError(f"--resume would change how {ckpt_path} was trained: {'; '.join(refused)}; "
+                              "pass the original values, or use another --run-dir for a new model")
+    meta["resumes"] = state["meta"].get("resumes", []) + [{"step": state["step"], "changed": allowed}]
+    return state
+
+
+def trim_log(path, step):
+    """Drop the log lines after ``step`` (written after the checkpoint a run resumes from) and any line cut
+    short by a kill, so that log.txt holds each step once, in order."""
+    if path.exists():
+        text = path.read_text()
+        keep = "".join(ln for ln in text.splitlines(keepends=True) if ln.endswith("\n") and _log_step(ln) <= step)
+        if keep != text:
+            data.atomic_write(path, lambda tmp: tmp.write_text(keep))
+
+
+def _log_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def train(args):
     check_flags(args)
     rank, world, device = setup_distributed(args.device)
@@ -208,27 +278,19 @@ def train(args):
             "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond,
             "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
             "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
-            "cache": str(hier.root), "image_space": hier.meta["image_space"], "data": args.data}
+            "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
+            "image_space": hier.meta["image_space"], "data": args.data}
     encoder = None
     if args.cond == "text":  # the frozen text tower runs on the fly: captions are drawn at random each step
         encoder = H.make_encoder(args, device)
         meta["text_shape"] = list(encoder.text_shape)
 
-    start_step, state = 0, None
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        for field in ("key", "cache"):  # another level, depth, σ, size or latent cache: never overwrite it
-            if state["meta"][field] != meta[field]:
-                raise data.UsageError(f"{ckpt_path} holds another model ({field} {state['meta'][field]}); "
-                                      "use another --run-dir")
-        if state["step"] >= args.steps:
-            if rank == 0:
-                print(f"level {args.level} ({key}) is already trained ({state['step']} steps) at {ckpt_path}: reused")
-            return ckpt_path
-        if not args.resume:
-            raise data.UsageError(f"{ckpt_path} exists ({state['step']} steps); pass --resume to continue it, "
-                                  "or use another --run-dir")
-        start_step = state["step"]
+    state = previous_state(ckpt_path, meta, args)
+    if state is not None and state["step"] >= args.steps:
+        if rank == 0:
+            print(f"level {args.level} ({key}) is already trained ({state['step']} steps) at {ckpt_path}: reused")
+        return ckpt_path
+    start_step = state["step"] if state is not None else 0
 
     seed = args.seed * world + rank
     torch.manual_seed(seed)
@@ -251,8 +313,9 @@ def train(args):
     dataset = H.LevelData(hier, "train", conds + [target], base)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps(vars(args), indent=1))
-        (run / "meta.json").write_text(json.dumps(meta, indent=1))
+        for name, obj in (("args.json", vars(args)), ("meta.json", meta)):
+            data.atomic_write(run / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+        trim_log(run / "log.txt", start_step)
         print(f"level {args.level} of {args.depth}: {target.name} given {[c.name for c in conds]} σ={sigmas} "
               f"| {args.model}, {count_params(model) / 1e6:.2f}M params | {len(dataset)} items | {run}")
     log = open(run / "log.txt", "a") if rank == 0 else None

@@ -1,5 +1,7 @@
 """Training: resume equivalence, EMA, DDP (2 processes, gloo) vs 1 process, atomic checkpoints, NaN stop, bad input."""
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +220,50 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --level 7 is outside 1..5 (level 1 = image, 5 = top)"]
     assert not (tmp_path / "c").exists()
+
+
+def test_resume_refuses_changes_to_the_model_or_its_optimisation(workspace):
+    path = train.train(argv(workspace, 3, 3, "--steps", 2, run="change"))
+    before = path.read_bytes()
+    for extra, named in [(("--lr", 2e-3), "--lr 0.001 -> 0.002"), (("--schedule", "cosine"), "schedule scaled_linear -> cosine"),
+                         (("--T", 500), "T 1000 -> 500"), (("--batch-size", 16), "--batch-size 8 -> 16"),
+                         (("--p-uncond", 0.2), "p_uncond 0.1 -> 0.2"), (("--seed", 1), "--seed 0 -> 1"),
+                         (("--betas", 0.9, 0.9), "--betas 0.99 0.99 -> 0.9 0.9")]:
+        with pytest.raises(data.UsageError, match=re.escape(named)):
+            train.train(argv(workspace, 3, 3, "--steps", 4, "--resume", *extra, run="change"))
+    with pytest.raises(data.UsageError, match=re.escape("--lr 0.001 -> 0.002; --warmup 2 -> 3")):
+        train.train(argv(workspace, 3, 3, "--steps", 4, "--resume", "--lr", 2e-3, "--warmup", 3, run="change"))
+    assert path.read_bytes() == before
+    train.train(argv(workspace, 3, 3, "--steps", 4, "--resume", "--log-every", 2, "--ckpt-every", 3, run="change"))
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["resumes"] == [{"step": 2, "changed": {"steps": [2, 4], "log_every": [1, 2], "ckpt_every": [1000, 3]}}]
+    assert torch.load(path)["meta"]["resumes"] == meta["resumes"]
+
+
+def test_resume_with_the_cache_given_by_another_path(workspace, monkeypatch):
+    """The cache is named in meta.json by its folder, so an absolute or relative --cache-dir resumes alike."""
+    train.train(argv(workspace, 3, 3, "--steps", 2, run="paths"))
+    monkeypatch.chdir(workspace)
+    args = argv(workspace, 3, 3, "--steps", 3, "--resume", run="paths")
+    args.cache_dir, args.run = "cache", "paths"
+    assert torch.load(train.train(args))["step"] == 3
+
+
+@pytest.mark.parametrize("contents, message", [
+    (b"", "cannot read checkpoint .* damaged or empty"),
+    (b"PK\x03\x04 truncated", "cannot read checkpoint .* damaged or empty"),
+    ("list", "is not a checkpoint of train.py"),
+    ("pickle", "holds objects other than weights .* refused, since reading it could run code"),
+])
+def test_damaged_checkpoint_is_named(workspace, tmp_path, contents, message):
+    path = train.train(argv(workspace, 3, 3, "--steps", 1, run=f"damaged-{tmp_path.name}")).parent / "ckpt.pt"
+    if contents == "list":
+        torch.save([1, 2], path)
+    elif contents == "pickle":
+        torch.save({"model": data.UsageError("x")}, path)  # an arbitrary class: refused by weights_only
+    else:
+        path.write_bytes(contents)
+    before = path.read_bytes()
+    with pytest.raises(data.UsageError, match=message) as e:
+        train.train(argv(workspace, 3, 3, "--steps", 2, "--resume", run=f"damaged-{tmp_path.name}"))
+    assert "weights_only=False" not in str(e.value) and path.read_bytes() == before
