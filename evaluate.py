@@ -30,6 +30,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise data.UsageError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                               f"sigma {s1.shape} vs {s2.shape}; both sides need the same feature size")
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, s1, s2)):
+        raise data.UsageError("FID statistics hold NaN or inf; recompute them (and check the images or features)")
     a = _psd_sqrt(s1)
     m = a @ s2 @ a
     tr_covmean = np.sqrt(_clip_noise(np.linalg.eigvalsh((m + m.T) / 2))).sum()
@@ -182,16 +185,25 @@ def read_npz(path):
     else ("images", uint8 N×H×W[×C]) for a samples file (key arr_0: ADM's sample format)."""
     expected = "a samples .npz (arr_0 uint8 N×H×W[×C]), a statistics .npz (mu, sigma) or data:NAME[:SPLIT]"
     with _open_npz(path, expected) as f:
-        if {"mu", "sigma"} <= set(f.files):
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-                raise data.UsageError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-            return "stats", (mu, sigma)
-        if "arr_0" in f.files:
-            images = f["arr_0"]
-            check_images(images, path)
-            return "images", images
-        raise data.UsageError(f"{path} holds {sorted(f.files) or 'no arrays'}; expected {expected}")
+        try:
+            return _read_npz_arrays(f, path, expected)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays, truncated members
+            raise data.UsageError(f"{path} cannot be read ({str(e).splitlines()[0]}); pass {expected}") from None
+
+
+def _read_npz_arrays(f, path, expected):
+    if {"mu", "sigma"} <= set(f.files):
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise data.UsageError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise data.UsageError(f"{path} holds non-finite statistics (NaN or inf); recompute them")
+        return "stats", (mu, sigma)
+    if "arr_0" in f.files:
+        images = f["arr_0"]
+        check_images(images, path)
+        return "images", images
+    raise data.UsageError(f"{path} holds {sorted(f.files) or 'no arrays'}; expected {expected}")
 
 
 def parse_data_spec(spec):

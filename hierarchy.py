@@ -28,6 +28,7 @@ import math
 import os
 import random
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,16 +169,37 @@ def cache_name(args):
 
 
 class Hierarchy:
-    """A latent cache folder: per-split raw features per grid, labels, captions, PCA per grid."""
+    """A latent cache folder: per-split raw features per grid, labels, captions, PCA per grid. Its meta.json
+    holds the size of every file, so a damaged or truncated file is named instead of read."""
 
     def __init__(self, root):
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
             raise data.UsageError(f"no latent cache at {self.root}; build it with python hierarchy.py --data ...")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = data.read_json(meta_path, self.remedy)
+        for name, size in self.meta.get("files", {}).items():
+            have = (self.root / name).stat().st_size if (self.root / name).exists() else None
+            if have != size:
+                found = "missing" if have is None else f"{have} bytes, expected {size}"
+                raise data.UsageError(f"latent cache file {self.root / name} is damaged ({found}); {self.remedy}")
         self.enc_dim, self.image_shape = self.meta["enc_dim"], tuple(self.meta["image_shape"])
-        self.pca = {int(m): dict(np.load(self.root / f"pca-{m}.npz")) for m in self.meta["grids"]}
+        self.pca = {int(m): self._read(f"pca-{m}.npz") for m in self.meta["grids"]}
+
+    @property
+    def remedy(self):
+        return f"delete the folder {self.root} to rebuild the cache"
+
+    def _read(self, name, **kw):
+        """An array file of the cache (an .npz as a dict), or a UsageError naming it."""
+        try:
+            if name.endswith(".json"):
+                return json.loads((self.root / name).read_text())
+            out = np.load(self.root / name, **kw)
+            return dict(out) if name.endswith(".npz") else out
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise data.UsageError(f"latent cache file {self.root / name} cannot be read "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {self.remedy}") from None
 
     def levels(self, depth, image_patch):
         return level_specs(depth, self.enc_dim, self.image_shape, image_patch)
@@ -191,13 +213,16 @@ class Hierarchy:
         return Reduction(self.pca[level.grid], level.channels)
 
     def features(self, split, grid):
-        return np.load(self.root / f"{split}-{grid}.npy", mmap_mode="r")             # (N, D, M, M) float16
+        return self._read(f"{split}-{grid}.npy", mmap_mode="r")                       # (N, D, M, M) float16
+
+    def vae_moments(self, split):
+        return self._read(f"{split}-vae.npy", mmap_mode="r")                          # (N, 8, h, w) float16
 
     def labels(self, split):
-        return np.load(self.root / f"{split}-labels.npy")
+        return self._read(f"{split}-labels.npy")
 
     def captions(self, split):
-        return json.loads((self.root / f"{split}-captions.json").read_text())
+        return self._read(f"{split}-captions.json")
 
 
 def locate_cache(meta, run_dir, cache_dir="cache"):
@@ -218,7 +243,7 @@ def build_cache(args, encoder=None, vae=None):
     """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy."""
     root = Path(args.cache_dir) / cache_name(args)
     meta_path = root / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = data.read_json(meta_path, f"delete the folder {root} to rebuild the cache") if meta_path.exists() else {}
     grids = [2 ** k for k in range(args.depth - 1)]
     todo = [m for m in grids if m not in meta.get("grids", [])]
     need_vae = args.image_space == "sd-vae" and not meta.get("vae")
@@ -244,6 +269,8 @@ def build_cache(args, encoder=None, vae=None):
             "num_classes": ds.num_classes, "has_captions": ds.has_captions,
             "image_shape": image_shape, "image_space": args.image_space, "vae": bool(meta.get("vae") or need_vae),
             "args": {k: getattr(args, k) for k in ("data", "image_size", "clip", "pretrained", "min_crop", "vae")}}
+    meta["files"] = {p.name: p.stat().st_size for p in sorted(root.iterdir())
+                     if p.suffix in (".npy", ".npz", ".json") and p.name != "meta.json"}
     data.atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
     return Hierarchy(root)
 
@@ -303,7 +330,7 @@ class LevelData(Dataset):
         self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
         self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
         sd_vae_target = levels[-1].image and hier.meta["image_space"] == "sd-vae"
-        self.vae = np.load(hier.root / f"{split}-vae.npy", mmap_mode="r") if sd_vae_target else None  # moments
+        self.vae = hier.vae_moments(split) if sd_vae_target else None  # moments
         self.base = base  # the image dataset, when the target is the image level in pixel space
 
     def __len__(self):

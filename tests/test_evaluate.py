@@ -155,6 +155,8 @@ def test_read_npz_kinds_and_data_spec(tmp_path):
     ({"mu": np.zeros(3), "sigma": np.zeros((2, 2))}, "sigma"),
     ("npy", "single array"),
     ("text", "not a readable"),
+    ({"arr_0": np.array([object(), 1], dtype=object)}, "cannot be read .*allow_pickle"),
+    ({"mu": np.full(2, np.nan), "sigma": np.eye(2)}, "non-finite statistics"),
 ])
 def test_read_npz_bad_input(tmp_path, contents, message):
     path = tmp_path / "in.npz"
@@ -207,6 +209,11 @@ def test_usage_error_is_one_line_exit_2(tmp_path, capsys):
 def test_flags_are_checked_before_reading(flags, message):
     with pytest.raises(data.UsageError, match=message):
         evaluate.main(evaluate.get_parser().parse_args(flags))
+
+
+def test_nan_statistics_are_refused_not_printed():
+    with pytest.raises(data.UsageError, match="NaN or inf"):
+        evaluate.frechet_distance(np.zeros(2), np.eye(2), np.array([0.0, np.nan]), np.eye(2))
 
 
 def test_evenly_spaced():

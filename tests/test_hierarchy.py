@@ -1,4 +1,5 @@
 """Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level."""
+import json
 import math
 
 import numpy as np
@@ -198,3 +199,24 @@ def test_too_few_training_vectors_for_a_level(tmp_path, tiny_encoder):
     hier = H.build_cache(_args(tmp_path, _folder(tmp_path, n=10), 2), encoder=tiny_encoder)
     with pytest.raises(H.data.UsageError, match="19 training vectors at grid 1, fewer than the 32 channels"):
         hier.reduction(hier.levels(2, 4)[0])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate-npy", r"train-1.npy is damaged \(\d+ bytes, expected \d+\); delete the folder"),
+    ("truncate-pca", r"pca-1.npz is damaged"),
+    ("old-cache-garbage-pca", r"pca-1.npz cannot be read"),
+    ("old-cache-truncated-npy", r"train-1.npy cannot be read"),
+    ("meta", r"meta.json is damaged"),
+])
+def test_damaged_cache_file_is_named(tmp_path, tiny_encoder, damage, message):
+    hier = H.build_cache(_args(tmp_path, _folder(tmp_path), 2), encoder=tiny_encoder)
+    root, meta = hier.root, json.loads((hier.root / "meta.json").read_text())
+    assert meta["files"]["train-1.npy"] == (root / "train-1.npy").stat().st_size
+    if damage.startswith("old-cache"):  # a cache written before sizes were recorded
+        del meta["files"]
+        (root / "meta.json").write_text(json.dumps(meta))
+    name = {"meta": "meta.json"}.get(damage, "pca-1.npz" if "pca" in damage else "train-1.npy")
+    content = (root / name).read_bytes()
+    (root / name).write_bytes(b"garbage" if "garbage" in damage else content[:len(content) // 2])
+    with pytest.raises(H.data.UsageError, match=message):
+        H.Hierarchy(root).features("train", 1)
