@@ -18,6 +18,9 @@ import argparse
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -259,7 +262,65 @@ def _log_step(line):
         return float("inf")
 
 
+def snapshot(model, ema, opt, args, meta, step):
+    """The checkpoint after ``step`` steps: weights, EMA, optimiser, args, meta and the RNG states."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "args": vars(args), "meta": meta, "step": step, "rng": rng_state()}
+
+
+class StopOnSignal:
+    """While training, Ctrl-C (SIGINT) or SIGTERM lets the current step finish, then ``finish`` writes a
+    checkpoint at that step and exits with one line; a second signal stops at once (the previous
+    checkpoint is kept). One process stops after the step the signal came in; DDP ranks agree at the
+    next log step, so that they all stop after the same step."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self.armed, self.previous = None, False, {}
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        """Before the training loop (``armed``): stop at once, as Ctrl-C does; in it: after the step."""
+        self.signum = signum
+        self.__exit__()
+        if not self.armed:
+            raise KeyboardInterrupt
+
+    def agreed(self, device, world, log_step):
+        """True when every rank is to stop after this step."""
+        if world == 1:
+            return self.signum is not None
+        return log_step and any_rank(self.signum is not None, device)
+
+    def finish(self, rank, world, ckpt_path, state, bar, log):
+        """Checkpoint at the current step (rank 0), one line, exit code 128 + the signal."""
+        signum = self.signum or signal.SIGTERM
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+            bar.close()
+            log.close()
+            print(f"error: stopped by {signal.Signals(signum).name} after step {state['step']}; checkpoint {ckpt_path}; "
+                  "continue with the same command and --resume", file=sys.stderr)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        raise SystemExit(128 + signum)
+
+
 def train(args):
+    """Train one level (see the module docstring); Ctrl-C or SIGTERM stops it with a checkpoint."""
+    with StopOnSignal() as stop:
+        return train_level(args, stop)
+
+
+def train_level(args, stop):
     check_flags(args)
     rank, world, device = setup_distributed(args.device)
     args.world = world
@@ -322,6 +383,7 @@ def train(args):
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                desc=f"level {args.level}", dynamic_ncols=True)
     tick, last_loss = time.time(), float("nan")
+    stop.armed = True  # from here a signal stops training after the current step, with a checkpoint
     for step in bar:
         x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step))
         x, zs, y = x.to(device), [z.to(device) for z in zs], y.to(device)
@@ -353,8 +415,9 @@ def train(args):
                                       "lr": opt.param_groups[0]["lr"]}) + "\n")
                 log.flush()
         if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                        "args": vars(args), "meta": meta, "step": step + 1, "rng": rng_state()})
+            save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1))
+        if step + 1 < args.steps and stop.agreed(device, world, (step + 1) % args.log_every == 0):
+            stop.finish(rank, world, ckpt_path, snapshot(model, ema, opt, args, meta, step + 1), bar, log)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,49 @@ def test_damaged_checkpoint_is_named(workspace, tmp_path, contents, message):
     with pytest.raises(data.UsageError, match=message) as e:
         train.train(argv(workspace, 3, 3, "--steps", 2, "--resume", run=f"damaged-{tmp_path.name}"))
     assert "weights_only=False" not in str(e.value) and path.read_bytes() == before
+
+
+def test_signal_writes_a_checkpoint_and_resume_is_exact(workspace, monkeypatch, capsys):
+    """SIGINT in step 4 (of 8): the step finishes, ckpt.pt holds 4 steps, exit code 130 with one line; resuming
+    to 8 steps equals 8 steps straight, bit for bit, and log.txt has steps 1..8 once each, in order."""
+    straight = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, run="sig-straight")))
+    original, calls = train.Diffusion.loss, []
+
+    def loss(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **kw)
+    monkeypatch.setattr(train.Diffusion, "loss", loss)
+    with pytest.raises(SystemExit) as e:
+        train.train(argv(workspace, 2, 3, "--steps", 8, run="sig"))
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "error: stopped by SIGINT after step 4; checkpoint" in capsys.readouterr().err
+    path = next((workspace / "sig").glob("*/ckpt.pt"))
+    assert torch.load(path)["step"] == 4
+    with open(path.parent / "log.txt", "a") as log:  # a line written after the checkpoint, and one cut short
+        log.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    monkeypatch.undo()
+    resumed = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, "--resume", run="sig")))
+    for part in ("model", "ema"):
+        states_equal(straight[part], resumed[part])
+    steps = [json.loads(line)["step"] for line in (path.parent / "log.txt").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_sigterm_from_outside_is_one_line(workspace):
+    args = sys_argv(argv(workspace, 3, 3, "--steps", 100000, run="term"))
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(600):  # wait for the first logged step
+        log = next((workspace / "term").glob("*/log.txt"), None)
+        if log and log.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    step = torch.load(log.parent / "ckpt.pt")["step"]
+    assert proc.returncode == 128 + signal.SIGTERM and step >= 1
+    assert err.rstrip().splitlines()[-1] == (f"error: stopped by SIGTERM after step {step}; checkpoint {log.parent / 'ckpt.pt'}; "
+                                              "continue with the same command and --resume")
+    assert "Traceback" not in err
