@@ -16,7 +16,9 @@ ImageNet/ImageFolder images use ADM's centre crop (as in DiT's ``center_crop_arr
 """
 import argparse
 import bz2
+import contextlib
 import errno
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -90,6 +92,34 @@ def save_npz(path, **arrays):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what):
+    """Hold ``folder``/.lock (created with the folder if needed) for as long as the block runs, so that two
+    processes never write one folder; a second one exits with one line naming the first. A folder this
+    created and left empty is removed again."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UsageError(f"{what} {folder} is in use by another process (pid {f.read().strip() or '?'}); "
+                             "wait for it to finish, or use another folder") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            if created and [p.name for p in folder.iterdir()] == [".lock"]:
+                path.unlink()
+                folder.rmdir()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_json(path, remedy):

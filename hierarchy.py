@@ -240,16 +240,29 @@ def locate_cache(meta, run_dir, cache_dir="cache"):
 
 
 def build_cache(args, encoder=None, vae=None):
-    """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy."""
+    """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy.
+    One process at a time builds a cache (a lock file in it); a second one exits with one line."""
     root = Path(args.cache_dir) / cache_name(args)
+    if not _missing(root, args):
+        return Hierarchy(root)
+    with data.folder_lock(root, "the latent cache"):
+        missing = _missing(root, args)  # another process may have completed it in the meantime
+        return _extend_cache(root, args, *missing, encoder, vae) if missing else Hierarchy(root)
+
+
+def _missing(root, args):
+    """(cache meta, grids to encode, whether the VAE moments are to encode), or None when nothing is missing."""
     meta_path = root / "meta.json"
     meta = data.read_json(meta_path, f"delete the folder {root} to rebuild the cache") if meta_path.exists() else {}
     grids = [2 ** k for k in range(args.depth - 1)]
     todo = [m for m in grids if m not in meta.get("grids", [])]
     need_vae = args.image_space == "sd-vae" and not meta.get("vae")
-    if meta and not todo and not need_vae:
-        return Hierarchy(root)
-    root.mkdir(parents=True, exist_ok=True)
+    return None if meta and not todo and not need_vae else (meta, todo, need_vae)
+
+
+def _extend_cache(root, args, meta, todo, need_vae, encoder, vae):
+    """Encode what is missing (``todo`` grids, VAE moments) into the cache folder ``root``."""
+    meta_path = root / "meta.json"
     encoder = encoder or make_encoder(args)
     vae = vae or (load_vae(args.vae, args.device) if need_vae else None)
     for split in ("train", "test"):
@@ -262,7 +275,7 @@ def build_cache(args, encoder=None, vae=None):
         _encode_split(ds, split, root, todo, encoder, vae if need_vae else None, args)
     for m in todo:
         pca = fit_pca(_sample_vectors(np.load(root / f"train-{m}.npy", mmap_mode="r"), args.seed))
-        np.savez(root / f"pca-{m}.npz", **pca)
+        data.save_npz(root / f"pca-{m}.npz", **pca)
     x0 = ds[0][0]
     image_shape = list(x0.shape) if args.image_space == "pixels" else [4, x0.shape[1] // 8, x0.shape[2] // 8]
     meta = {"grids": sorted(set(meta.get("grids", [])) | set(todo)), "enc_dim": encoder.dim,

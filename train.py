@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from copy import deepcopy
 from pathlib import Path
 
@@ -315,12 +316,13 @@ class StopOnSignal:
 
 
 def train(args):
-    """Train one level (see the module docstring); Ctrl-C or SIGTERM stops it with a checkpoint."""
-    with StopOnSignal() as stop:
-        return train_level(args, stop)
+    """Train one level (see the module docstring); Ctrl-C or SIGTERM stops it with a checkpoint; the level's
+    run folder is locked while it trains."""
+    with StopOnSignal() as stop, ExitStack() as locks:
+        return train_level(args, stop, locks)
 
 
-def train_level(args, stop):
+def train_level(args, stop, locks):
     check_flags(args)
     rank, world, device = setup_distributed(args.device)
     args.world = world
@@ -334,6 +336,8 @@ def train_level(args, stop):
     key = level_key(target, conds, sigmas, args.cond, args.model)
     run = Path(args.run or f"runs/{H.data_tag(args.data)}") / key
     ckpt_path = run / "ckpt.pt"
+    if rank == 0:  # one writer per run folder
+        locks.enter_context(data.folder_lock(run, "the run folder"))
     meta = {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
             "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
             "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond,

@@ -315,3 +315,26 @@ def test_sigterm_from_outside_is_one_line(workspace):
     assert err.rstrip().splitlines()[-1] == (f"error: stopped by SIGTERM after step {step}; checkpoint {log.parent / 'ckpt.pt'}; "
                                               "continue with the same command and --resume")
     assert "Traceback" not in err
+
+
+def test_second_writer_of_a_run_folder_or_cache_exits_with_one_line(workspace, tmp_path):
+    """A lock file per run folder and per cache being built: the second process is refused, naming the first."""
+    path = train.train(argv(workspace, 3, 3, "--steps", 1, run="locked"))
+    before = path.read_bytes()
+    with data.folder_lock(path.parent, "the run folder"):  # as another process training this level would
+        with pytest.raises(data.UsageError, match=f"run folder .* is in use by another process \\(pid {os.getpid()}\\)"):
+            train.train(argv(workspace, 3, 3, "--steps", 2, "--resume", run="locked"))
+    assert path.read_bytes() == before
+    args = H.resolve_defaults(argv(workspace, 1, 3))
+    args.cache_dir = str(tmp_path)  # a new cache
+    root = tmp_path / H.cache_name(args)
+    with data.folder_lock(root, "the latent cache"):
+        with pytest.raises(data.UsageError, match="latent cache .* is in use by another process"):
+            H.build_cache(args)
+    assert not root.exists()  # created by the lock holder, removed when it let go of it empty
+
+
+def test_temporary_files_are_per_process(tmp_path):
+    (tmp_path / "f.json.tmp").write_text("another writer's")
+    data.atomic_write(tmp_path / "f.json", lambda p: p.write_text("{}"))
+    assert (tmp_path / "f.json").read_text() == "{}" and (tmp_path / "f.json.tmp").read_text() == "another writer's"
