@@ -286,6 +286,9 @@ class Glyphs(Dataset):
         self.labels = np.asarray(meta["radicals"], dtype=np.int64)[keep] - 1      # (N,)
         self.captions = [d for d, k in zip(meta["definitions"], keep) if k]
         self.chars = [c for c, k in zip(meta["chars"], keep) if k]
+        # which characters the set holds depends on the font, Unihan and FreeType/Pillow (a glyph that renders
+        # blank or as the .notdef box is left out): statistics of the set carry this hash of it
+        self.set_hash = hashlib.sha1(meta["chars"].encode()).hexdigest()[:12]
 
     def __len__(self):
         return len(self.chars)

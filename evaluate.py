@@ -213,11 +213,13 @@ def parse_data_spec(spec):
     return (name, split) if name and split in ("train", "test") else (rest, "train")
 
 
-def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None):
+def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None, glyph_set=None):
     """cache/fid/<name>-<split>-<size>px-<n>-<hash>.npz; the hash also covers the data path and, for glyphs,
-    the rendering version (data.GLYPH_FORMAT), so statistics of an older rendering are not reused."""
+    the rendering version (data.GLYPH_FORMAT) and the hash of the glyph set (which characters the font
+    renders on this machine), so statistics of another rendering or another set are not reused."""
     version = data.GLYPH_FORMAT if name == "glyphs" else None
-    key = json.dumps([name, split, image_size, max_n, data_path and os.path.abspath(data_path)] + ([version] if version else []))
+    key = json.dumps([name, split, image_size, max_n, data_path and os.path.abspath(data_path)] + ([version] if version else [])
+                     + ([glyph_set] if glyph_set else []))
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name)[-40:].strip("_")
     return Path(cache_dir) / f"{slug}-{split}-{image_size}px-{max_n or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.npz"
 
@@ -238,15 +240,17 @@ def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="
     """FID statistics (mu, sigma) of a dataset (``data.build_dataset``), computed once and then read from
     the cache. ``max_n`` images are spread evenly over the dataset (sorted folders put classes in blocks,
     so the first n would be a few classes only); None uses all."""
-    path = stats_cache_path(cache_dir, name, split, image_size, max_n, data_path)
+    ds = data.build_dataset(name, split, image_size, data_path, data_dir) if name == "glyphs" else None
+    glyph_set = ds.set_hash if ds is not None else None
+    path = stats_cache_path(cache_dir, name, split, image_size, max_n, data_path, glyph_set)
     if path.exists():
         return read_npz(path)[1]
-    ds = data.build_dataset(name, split, image_size, data_path, data_dir)
+    ds = ds or data.build_dataset(name, split, image_size, data_path, data_dir)
     n = len(ds) if max_n is None else min(max_n, len(ds))
     loader = DataLoader(Subset(ds, evenly_spaced(len(ds), n)), batch_size=batch_size, num_workers=num_workers)
     feats = inception_features((x for x, _, _ in loader), device=device, progress=progress, total=n)
     mu, sigma = feature_stats(feats)
-    save_stats(path, mu, sigma, n=n, dataset=name, split=split, image_size=image_size)
+    save_stats(path, mu, sigma, n=n, dataset=name, split=split, image_size=image_size, glyph_set=glyph_set or "")
     return mu, sigma
 
 

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 import zipfile
 from dataclasses import dataclass
@@ -349,19 +348,23 @@ class LevelData(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def level(self, lv, idx):
+    def level(self, lv, idx, draw=None):
         """Level ``lv`` of the items ``idx`` (a list): (len(idx), C, M, M)."""
         if not lv.image:
             return self.reduce[lv.grid](self.feats[lv.grid][idx].astype(np.float32))
         if self.vae is not None:
             mean, std = torch.from_numpy(self.vae[idx].astype(np.float32)).chunk(2, dim=1)     # (B, 4, h, w) each
-            return (mean + std * torch.randn_like(std)) * VAE_SCALE
+            return (mean + std * (draw.randn(std) if draw else torch.randn_like(std))) * VAE_SCALE
         return torch.stack([self.base[i][0] for i in idx])                                      # (B, C, H, W)
 
-    def batch(self, idx):
-        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``."""
-        zs = [self.level(lv, idx) for lv in self.levels]
-        captions = [random.choice(self.captions[i]) for i in idx]
+    def batch(self, idx, draw=None):
+        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``; the SD-VAE
+        posterior samples and the caption of each item (one of its several) come from ``draw`` (randn(like),
+        rand(like): train.py's per-step draws), or from the global RNG when None."""
+        zs = [self.level(lv, idx, draw) for lv in self.levels]
+        u = draw.rand(torch.empty(len(idx))) if draw else torch.rand(len(idx))                  # (B,) in [0, 1)
+        captions = [self.captions[i][min(int(v * len(self.captions[i])), len(self.captions[i]) - 1)]
+                    for i, v in zip(idx, u.tolist())]
         return zs[-1], zs[:-1], torch.from_numpy(self.labels[idx]), captions
 
     def __getitem__(self, i):

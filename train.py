@@ -166,6 +166,12 @@ class GlobalDraw:
         return torch.randint(0, high, (n,), generator=self.g, device=like.device)[self.rank::self.world]
 
 
+def data_generator(seed, step):
+    """The generator of a step's data-side draws (SD-VAE posterior samples, one caption per image), apart
+    from the one for t, ε, σ-noise and dropout, so that adding them changed no other draw."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
+
+
 def check_flags(args):
     """The checks that need no data: they run before any cache is built or model made."""
     data.check_range("--depth", args.depth, 1)
@@ -357,8 +363,7 @@ def train_level(args, stop, locks):
         return ckpt_path
     start_step = state["step"] if state is not None else 0
 
-    seed = args.seed * world + rank
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever their number
     model = build_model(meta).to(device)
     ema = deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas))
@@ -389,7 +394,8 @@ def train_level(args, stop, locks):
     tick, last_loss = time.time(), float("nan")
     stop.armed = True  # from here a signal stops training after the current step, with a checkpoint
     for step in bar:
-        x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step))
+        x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step),
+                                           GlobalDraw(data_generator(args.seed, step), rank, world))
         x, zs, y = x.to(device), [z.to(device) for z in zs], y.to(device)
         g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
         draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows

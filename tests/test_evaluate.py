@@ -228,6 +228,9 @@ def test_glyph_stats_key_follows_the_rendering_version(monkeypatch):
     glyphs, folder = paths()
     monkeypatch.setattr(data, "GLYPH_FORMAT", data.GLYPH_FORMAT + 1)
     assert paths()[0] != glyphs and paths()[1] == folder
+    # another glyph set (a machine whose Pillow renders 4 fewer characters) gets other statistics too
+    sets = [evaluate.stats_cache_path("cache", "glyphs", "test", 32, None, glyph_set=h) for h in ("abc", "abd")]
+    assert sets[0] != sets[1] != paths()[0]
 
 
 def test_dataset_stats_cache_round_trip(tmp_path, monkeypatch, fid_spy):

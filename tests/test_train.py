@@ -1,6 +1,7 @@
 """Training: resume equivalence, EMA, DDP (2 processes, gloo) vs 1 process, atomic checkpoints, NaN stop, bad input."""
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -157,9 +158,10 @@ def test_existing_checkpoint_needs_resume(workspace):
 
 
 def test_torchrun_two_processes_match_one(workspace):
-    one = torch.load(train.train(argv(workspace, 1, 3, "--steps", 3, run="ddp1")))
+    """With --seed 1: the model's initial weights do not depend on the number of processes."""
+    one = torch.load(train.train(argv(workspace, 1, 3, "--steps", 3, "--seed", 1, run="ddp1")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
-           *sys_argv(argv(workspace, 1, 3, "--steps", 3, run="ddp2"))]
+           *sys_argv(argv(workspace, 1, 3, "--steps", 3, "--seed", 1, run="ddp2"))]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     two = torch.load(next((workspace / "ddp2").glob("*/ckpt.pt")))
@@ -170,7 +172,7 @@ def test_torchrun_two_processes_match_one(workspace):
 def sys_argv(args):
     """Turn parsed args back into a command line (for the torchrun subprocess)."""
     out = []
-    for flag in ("data", "image_size", "clip", "pretrained", "min_crop", "image_space", "cache_dir", "level", "depth", "model",
+    for flag in ("data", "image_size", "clip", "pretrained", "min_crop", "image_space", "cache_dir", "level", "depth", "model", "seed",
                  "batch_size", "warmup", "lr", "ema", "log_every", "ckpt_every", "device", "run", "steps"):
         out += [f"--{flag.replace('_', '-')}" if flag != "run" else "--run-dir", str(getattr(args, flag))]
     return out
@@ -338,3 +340,18 @@ def test_temporary_files_are_per_process(tmp_path):
     (tmp_path / "f.json.tmp").write_text("another writer's")
     data.atomic_write(tmp_path / "f.json", lambda p: p.write_text("{}"))
     assert (tmp_path / "f.json").read_text() == "{}" and (tmp_path / "f.json.tmp").read_text() == "another writer's"
+
+
+def test_data_draws_come_from_the_step_generator_whatever_the_world():
+    """Each item's caption (and SD-VAE posterior sample) is drawn from the step's data generator for the
+    global batch: 2 ranks see the rows 1 process sees; Python's global random is not touched."""
+    ld = H.LevelData.__new__(H.LevelData)
+    ld.levels, ld.labels, ld.vae = [H.Level(1, 1, 1)], np.arange(8), None
+    ld.feats, ld.reduce = {1: np.zeros((8, 1, 1, 1))}, {1: torch.as_tensor}
+    ld.captions = [[f"{i}-{k}" for k in range(5)] for i in range(8)]
+    idx, state = list(range(8)), random.getstate()
+    one = ld.batch(idx, train.GlobalDraw(train.data_generator(3, 7), 0, 1))[3]
+    two = [ld.batch(idx[r::2], train.GlobalDraw(train.data_generator(3, 7), r, 2))[3] for r in (0, 1)]
+    assert two[0] == one[0::2] and two[1] == one[1::2] and random.getstate() == state
+    assert one == ld.batch(idx, train.GlobalDraw(train.data_generator(3, 7), 0, 1))[3]
+    assert one != ld.batch(idx, train.GlobalDraw(train.data_generator(3, 8), 0, 1))[3]
