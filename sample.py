@@ -68,6 +68,14 @@ def match_levels(metas, depth, sigma=None):
     return found
 
 
+def holds_model(run, depth, cond, model=None, sigma=None):
+    """Whether the folder ``run`` holds every level of the model (in one version or several)."""
+    try:
+        return isinstance(match_levels(read_metas(run, cond, model), depth, sigma), list)
+    except data.UsageError as e:  # several versions of a level, or a damaged meta.json
+        return "trained versions" in str(e)
+
+
 def find_levels(run, depth, cond, model=None, sigma=None):
     """The run folders of levels L … 1 of a depth-L model in ``run``, top-down. ``sigma`` (σ_L … σ_2, as
     train.py --sigma for the image level) picks among versions trained with different condition noise:
@@ -80,7 +88,7 @@ def find_levels(run, depth, cond, model=None, sigma=None):
     if isinstance(found, list):
         return found
     elsewhere = [str(d) for d in sorted(Path(run).parent.glob("*")) if d.is_dir() and d != Path(run)
-                 and isinstance(match_levels(read_metas(d, cond, model), depth, sigma), list)]
+                 and holds_model(d, depth, cond, model, sigma)]
     if elsewhere:
         raise data.UsageError(f"level {found} of depth {depth} ({cond}) is not trained in {run}, but the whole model "
                               f"is in {' and '.join(elsewhere)}: pass --run-dir {elsewhere[0]}")

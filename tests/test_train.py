@@ -355,3 +355,18 @@ def test_data_draws_come_from_the_step_generator_whatever_the_world():
     assert two[0] == one[0::2] and two[1] == one[1::2] and random.getstate() == state
     assert one == ld.batch(idx, train.GlobalDraw(train.data_generator(3, 7), 0, 1))[3]
     assert one != ld.batch(idx, train.GlobalDraw(train.data_generator(3, 8), 0, 1))[3]
+
+
+def test_full_disk_while_saving_names_the_file_and_keeps_the_checkpoint(workspace, monkeypatch, capsys):
+    path = train.train(argv(workspace, 3, 3, "--steps", 1, run="full"))
+    before = path.read_bytes()
+
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed\nbasic_ios::clear: iostream error")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        data.run_main(train.train, argv(workspace, 3, 3, "--steps", 2, "--resume", run="full"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: cannot write the checkpoint (") and str(path) in err[-1]
+    assert "the previous checkpoint is kept" in err[-1] and path.read_bytes() == before
