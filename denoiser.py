@@ -301,7 +301,7 @@ def load_checkpoint(path, keys=("model", "ema", "meta", "step")):
         raise UsageError(f"{path} holds objects other than weights and plain data ({str(e).splitlines()[0][:80]}...); "
                          "refused, since reading it could run code: use a checkpoint written by train.py") from None
     except (OSError, RuntimeError, ValueError, EOFError) as e:
-        raise UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0].split('. ')[0] if str(e) else type(e).__name__}); "
                          "it is damaged or empty: retrain the level, or restore the file") from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
