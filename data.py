@@ -97,10 +97,10 @@ def save_npz(path, **arrays):
 @contextlib.contextmanager
 def folder_lock(folder, what):
     """Hold ``folder``/.lock (created with the folder if needed) for as long as the block runs, so that two
-    processes never write one folder; a second one exits with one line naming the first. A folder this
-    created and left empty is removed again."""
+    processes never write one folder; a second one exits with one line naming the first. Folders this
+    created and left empty are removed again."""
     folder = Path(folder)
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
     with open(path, "a+") as f:
@@ -118,7 +118,9 @@ def folder_lock(folder, what):
         finally:
             if created and [p.name for p in folder.iterdir()] == [".lock"]:
                 path.unlink()
-                folder.rmdir()
+                for p in created:
+                    if not any(p.iterdir()):
+                        p.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -443,6 +445,9 @@ def save_grid(images, path, nrow=8):
 
 
 def main(args):
+    check_dataset_name(args.data)
+    check_range("--image-size", args.image_size, 1)
+    check_range("--show", args.show, 0)
     start = time.time()
     font_kw = {"font": args.font, "font_index": args.font_index, "unihan": args.unihan} if args.data == "glyphs" else {}
     train = build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir, **font_kw)

@@ -450,6 +450,8 @@ def check_flags(args):
     for name, low in limits.items():
         data.check_range(f"--{name.replace('_', '-')}", getattr(args, name, None), low)
     data.check_range("--temperature", getattr(args, "temperature", None), 0, strict=True)
+    if args.command == "knn" and not args.cache and not (args.train and args.test):
+        raise data.UsageError("knn needs --train and --test feature files, or --cache a latent cache folder")
 
 
 def main(args):

@@ -262,10 +262,11 @@ def _missing(root, args):
 def _extend_cache(root, args, meta, todo, need_vae, encoder, vae):
     """Encode what is missing (``todo`` grids, VAE moments) into the cache folder ``root``."""
     meta_path = root / "meta.json"
+    splits = {split: data.build_dataset(args.data, split, args.image_size, args.data_path, args.data_dir)
+              for split in ("train", "test")}  # a missing dataset is named before any model is loaded
     encoder = encoder or make_encoder(args)
     vae = vae or (load_vae(args.vae, args.device) if need_vae else None)
-    for split in ("train", "test"):
-        ds = data.build_dataset(args.data, split, args.image_size, args.data_path, args.data_dir)
+    for split, ds in splits.items():
         if not meta:  # labels and captions once per split
             np.save(root / f"{split}-labels.npy", np.asarray(ds.labels, dtype=np.int64))
             caps = ds.captions if ds.has_captions else [""] * len(ds)

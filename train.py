@@ -188,6 +188,10 @@ def check_flags(args):
     if not all(0 <= b < 1 for b in args.betas):
         raise data.UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
     H.resolve_defaults(args)
+    side = args.image_size // (8 if args.image_space == "sd-vae" else 1)  # the image level's side
+    if args.image_patch and side % args.image_patch:
+        raise data.UsageError(f"--image-patch {args.image_patch} does not divide the image level's side {side}; "
+                              "pick a patch that divides it")
 
 
 def check_args(args, hier):

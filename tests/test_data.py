@@ -170,3 +170,8 @@ def test_run_main_turns_failures_into_one_line(capsys, error, code, line):
     with pytest.raises(SystemExit) as e:
         data.run_main(main, None)
     assert e.value.code == code and capsys.readouterr().err == line + "\n"
+
+
+def test_data_command_checks_its_flags():
+    with pytest.raises(data.UsageError, match="--image-size must be >= 1, got 0"):
+        data.main(data.get_parser().parse_args(["--data", "glyphs", "--image-size", "0"]))

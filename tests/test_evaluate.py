@@ -205,6 +205,7 @@ def test_usage_error_is_one_line_exit_2(tmp_path, capsys):
     (["fid", "a.npz", "b.npz", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["fid", "a.npz", "b.npz", "--max-n", "1"], "--max-n must be >= 2"),
     (["knn", "--train", "a.npz", "--test", "b.npz", "--k", "0"], "--k must be >= 1"),
+    (["knn", "--train", "a.npz"], "knn needs --train and --test"),
 ])
 def test_flags_are_checked_before_reading(flags, message):
     with pytest.raises(data.UsageError, match=message):

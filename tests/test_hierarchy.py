@@ -186,6 +186,7 @@ def test_missing_glyph_clip_is_usage_error(tmp_path):
     (["--depth", "0"], "--depth must be >= 1"),
     (["--encode-batch", "0"], "--encode-batch must be >= 1"),
     (["--data", "nope"], "unknown dataset 'nope'"),
+    (["--data", "folder:/nonexistent", "--image-space", "sd-vae"], "image folder /nonexistent not found"),
 ])
 def test_flags_are_checked_before_the_cache(tmp_path, flags, message):
     args = H.get_parser().parse_args(["--pretrained", "random", "--cache-dir", str(tmp_path / "c"), *flags])

@@ -210,6 +210,7 @@ def test_ema_decay_warms_up_to_the_paper_value():
     (("--betas", 0.9, 1.0), "--betas must each be in"),
     (("--sigma", -1, 0), "--sigma must be >= 0"),
     (("--data", "imagenett"), "unknown dataset 'imagenett'"),
+    (("--image-patch", 3), "--image-patch 3 does not divide the image level's side 16"),
 ])
 def test_flags_are_checked_before_any_cache_is_built(tmp_path, extra, message):
     args = argv(tmp_path, 1, 3, "--steps", 1, *extra)
