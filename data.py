@@ -16,6 +16,9 @@ ImageNet/ImageFolder images use ADM's centre crop (as in DiT's ``center_crop_arr
 """
 import argparse
 import bz2
+import contextlib
+import errno
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -43,18 +46,97 @@ class UsageError(Exception):
 
 
 def run_main(main, args):
-    """Run a script's ``main(args)``; a UsageError becomes one line on stderr and exit code 2."""
+    """Run a script's ``main(args)``: a UsageError becomes one line on stderr and exit code 2; an OSError (a
+    read-only folder, a full disk) one line and exit code 1; Ctrl-C one line and exit code 130."""
     try:
         return main(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def describe_os_error(e):
+    """One line for an OSError: what failed, on which file, and what to do."""
+    where = f" ({e.filename})" if e.filename else ""
+    hint = {errno.ENOSPC: "; free disk space and run the command again",
+            errno.EDQUOT: "; free disk space and run the command again",
+            errno.EACCES: "; the folder is not writable: pick another output folder or fix its permissions",
+            errno.EROFS: "; the file system is read-only: pick another output folder"}.get(e.errno, "")
+    return f"{e.strerror or e}{where}{hint}"
+
+
+def check_range(flag, value, low, high=None, strict=False):
+    """UsageError unless ``low`` <= value (``low`` < value if ``strict``) and value <= ``high``, naming the
+    flag; ``value`` may be a list (each checked) or None (a default left unset passes)."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is not None and ((v <= low if strict else v < low) or (high is not None and v > high)):
+            want = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise UsageError(f"{flag} must be {want}, got {v}")
+
+
+def check_dataset_name(name):
+    """UsageError unless ``name`` is one of DATASETS (folder:PATH with any PATH)."""
+    if name not in DATASETS[:-1] and not name.startswith("folder:"):
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def save_npz(path, **arrays):
+    """np.savez written atomically (``path`` is used as given: no .npz appended)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what):
+    """Hold ``folder``/.lock (created with the folder if needed) for as long as the block runs, so that two
+    processes never write one folder; a second one exits with one line naming the first. A folder this
+    created and left empty is removed again."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UsageError(f"{what} {folder} is in use by another process (pid {f.read().strip() or '?'}); "
+                             "wait for it to finish, or use another folder") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            if created and [p.name for p in folder.iterdir()] == [".lock"]:
+                path.unlink()
+                folder.rmdir()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_json(path, remedy):
+    """The JSON object in ``path``, or a UsageError naming the damaged file and ``remedy``."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is damaged ({e}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} is damaged (not a JSON object); {remedy}")
+    return obj
 
 
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share a temporary file
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -204,6 +286,9 @@ class Glyphs(Dataset):
         self.labels = np.asarray(meta["radicals"], dtype=np.int64)[keep] - 1      # (N,)
         self.captions = [d for d, k in zip(meta["definitions"], keep) if k]
         self.chars = [c for c, k in zip(meta["chars"], keep) if k]
+        # which characters the set holds depends on the font, Unihan and FreeType/Pillow (a glyph that renders
+        # blank or as the .notdef box is left out): statistics of the set carry this hash of it
+        self.set_hash = hashlib.sha1(meta["chars"].encode()).hexdigest()[:12]
 
     def __len__(self):
         return len(self.chars)
@@ -331,9 +416,8 @@ def build_dataset(name, split="train", image_size=64, data_path=None, data_dir="
         return ImageFolder(sub, image_size)
     if name == "coco":
         return Coco(data_path or DEFAULT_PATHS["coco"], split, image_size)
-    if name.startswith("folder:"):
-        return ImageFolder(name[len("folder:"):], image_size, held_out=split == "test")
-    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    check_dataset_name(name)
+    return ImageFolder(name[len("folder:"):], image_size, held_out=split == "test")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,18 +15,26 @@ outputs exactly zero. The latent conditions and text keep U-ViT's in-context for
 "adaln" (each level, flattened, through a linear map added to the adaLN vector c = t + Σ_l W_l z_l: DiT's
 strongest scheme, Fig. 5, and RCG's pixel generator, which takes its representation as c = t + Linear(rep))
 or "both". Each path has its own learned null for guidance.
+A level's checkpoint (its weights, EMA, optimiser state and the meta describing the model) is read and
+the model rebuilt here, so sampling and evaluation never import the training script.
 """
+import errno
 import math
+import pickle
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import data
 from data import UsageError
 from diffusion import guided_eps
 
 COND_PATHS = ("tokens", "adaln", "both")  # how higher latent levels enter the denoiser (see the module docstring)
+CONDS = ("none", "class", "text")  # conditioning modes: unconditional, class labels, text (paper §4)
 
 SIZES = {
     "tiny": dict(width=64, depth=2, heads=4),     # tests
@@ -280,6 +288,59 @@ class Denoiser(nn.Module):
         eps = self.forward(two(x), two(t), [two(z) for z in conds], two(y), two(text), force_drop)  # (2B, C, H, W)
         eps_c, eps_u = eps.chunk(2)
         return guided_eps(eps_c, eps_u, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: a level's denoiser on disk
+# ----------------------------------------------------------------------------------------------------
+
+def build_model(meta):
+    """The Denoiser described by a level's ``meta`` (meta.json of its run folder, also stored in ckpt.pt)."""
+    return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],
+                    num_classes=meta["num_classes"], text_shape=meta["text_shape"] and tuple(meta["text_shape"]),
+                    size=meta["model"], p_uncond=meta["p_uncond"], cond_path=meta.get("cond_path", "tokens"))
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous checkpoint. A failed
+    write (torch reports a full disk as "basic_ios::clear: iostream error") is an OSError naming the file."""
+    try:
+        data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as e:
+        free = shutil.disk_usage(Path(path).parent).free
+        raise OSError(errno.ENOSPC if free < 1 << 20 else errno.EIO,
+                      f"cannot write the checkpoint ({str(e).splitlines()[0]}; {free >> 20} MiB free on its disk); "
+                      "the previous checkpoint is kept", str(path)) from e
+
+
+def load_checkpoint(path, keys=("model", "ema", "meta", "step")):
+    """A checkpoint on the CPU (never straight onto the GPU: DiT PR #36), read with weights_only (a pickle
+    that would run code is refused); a UsageError naming the file if it is damaged or not one of ours."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path} holds objects other than weights and plain data ({str(e).splitlines()[0][:80]}...); "
+                         "refused, since reading it could run code: use a checkpoint written by train.py") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0].split('. ')[0] if str(e) else type(e).__name__}); "
+                         "it is damaged or empty: retrain the level, or restore the file") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)}); "
+                         "retrain the level, or restore the file")
+    return state
+
+
+def load_denoiser(meta, path, use_ema=True):
+    """The trained denoiser of a level (its EMA weights unless ``use_ema`` is False), on the CPU."""
+    model = build_model(meta)
+    try:
+        model.load_state_dict(load_checkpoint(path)["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise UsageError(f"{path} does not hold the model its meta.json describes ({meta['key']}: "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                         "retrain the level, or restore the file") from None
+    return model
 
 
 def count_params(model) -> int:

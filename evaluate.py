@@ -30,6 +30,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise data.UsageError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                               f"sigma {s1.shape} vs {s2.shape}; both sides need the same feature size")
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, s1, s2)):
+        raise data.UsageError("FID statistics hold NaN or inf; recompute them (and check the images or features)")
     a = _psd_sqrt(s1)
     m = a @ s2 @ a
     tr_covmean = np.sqrt(_clip_noise(np.linalg.eigvalsh((m + m.T) / 2))).sum()
@@ -182,16 +185,25 @@ def read_npz(path):
     else ("images", uint8 N×H×W[×C]) for a samples file (key arr_0: ADM's sample format)."""
     expected = "a samples .npz (arr_0 uint8 N×H×W[×C]), a statistics .npz (mu, sigma) or data:NAME[:SPLIT]"
     with _open_npz(path, expected) as f:
-        if {"mu", "sigma"} <= set(f.files):
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-                raise data.UsageError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-            return "stats", (mu, sigma)
-        if "arr_0" in f.files:
-            images = f["arr_0"]
-            check_images(images, path)
-            return "images", images
-        raise data.UsageError(f"{path} holds {sorted(f.files) or 'no arrays'}; expected {expected}")
+        try:
+            return _read_npz_arrays(f, path, expected)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays, truncated members
+            raise data.UsageError(f"{path} cannot be read ({str(e).splitlines()[0]}); pass {expected}") from None
+
+
+def _read_npz_arrays(f, path, expected):
+    if {"mu", "sigma"} <= set(f.files):
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise data.UsageError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise data.UsageError(f"{path} holds non-finite statistics (NaN or inf); recompute them")
+        return "stats", (mu, sigma)
+    if "arr_0" in f.files:
+        images = f["arr_0"]
+        check_images(images, path)
+        return "images", images
+    raise data.UsageError(f"{path} holds {sorted(f.files) or 'no arrays'}; expected {expected}")
 
 
 def parse_data_spec(spec):
@@ -201,23 +213,21 @@ def parse_data_spec(spec):
     return (name, split) if name and split in ("train", "test") else (rest, "train")
 
 
-def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None):
+def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None, glyph_set=None):
     """cache/fid/<name>-<split>-<size>px-<n>-<hash>.npz; the hash also covers the data path and, for glyphs,
-    the rendering version (data.GLYPH_FORMAT), so statistics of an older rendering are not reused."""
+    the rendering version (data.GLYPH_FORMAT) and the hash of the glyph set (which characters the font
+    renders on this machine), so statistics of another rendering or another set are not reused."""
     version = data.GLYPH_FORMAT if name == "glyphs" else None
-    key = json.dumps([name, split, image_size, max_n, data_path and os.path.abspath(data_path)] + ([version] if version else []))
+    key = json.dumps([name, split, image_size, max_n, data_path and os.path.abspath(data_path)] + ([version] if version else [])
+                     + ([glyph_set] if glyph_set else []))
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name)[-40:].strip("_")
     return Path(cache_dir) / f"{slug}-{split}-{image_size}px-{max_n or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.npz"
 
 
 def save_stats(path, mu, sigma, **meta):
     """Write mu and sigma (ADM's keys) plus metadata atomically: a killed run leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **meta)
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data.save_npz(path, mu=mu, sigma=sigma, **meta)
 
 
 def paired_mse(samples, references):
@@ -238,15 +248,17 @@ def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="
     """FID statistics (mu, sigma) of a dataset (``data.build_dataset``), computed once and then read from
     the cache. ``max_n`` images are spread evenly over the dataset (sorted folders put classes in blocks,
     so the first n would be a few classes only); None uses all."""
-    path = stats_cache_path(cache_dir, name, split, image_size, max_n, data_path)
+    ds = data.build_dataset(name, split, image_size, data_path, data_dir) if name == "glyphs" else None
+    glyph_set = ds.set_hash if ds is not None else None
+    path = stats_cache_path(cache_dir, name, split, image_size, max_n, data_path, glyph_set)
     if path.exists():
         return read_npz(path)[1]
-    ds = data.build_dataset(name, split, image_size, data_path, data_dir)
+    ds = ds or data.build_dataset(name, split, image_size, data_path, data_dir)
     n = len(ds) if max_n is None else min(max_n, len(ds))
     loader = DataLoader(Subset(ds, evenly_spaced(len(ds), n)), batch_size=batch_size, num_workers=num_workers)
     feats = inception_features((x for x, _, _ in loader), device=device, progress=progress, total=n)
     mu, sigma = feature_stats(feats)
-    save_stats(path, mu, sigma, n=n, dataset=name, split=split, image_size=image_size)
+    save_stats(path, mu, sigma, n=n, dataset=name, split=split, image_size=image_size, glyph_set=glyph_set or "")
     return mu, sigma
 
 
@@ -440,7 +452,16 @@ def get_parser():
     return p
 
 
+def check_flags(args):
+    """The checks that need no data: they run before any file is read."""
+    limits = {"batch_size": 1, "max_n": 2, "num_workers": 0, "image_size": 1, "k": 1, "depth": 1}
+    for name, low in limits.items():
+        data.check_range(f"--{name.replace('_', '-')}", getattr(args, name, None), low)
+    data.check_range("--temperature", getattr(args, "temperature", None), 0, strict=True)
+
+
 def main(args):
+    check_flags(args)
     return args.func(args)
 
 

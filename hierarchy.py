@@ -26,8 +26,8 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,44 +168,100 @@ def cache_name(args):
 
 
 class Hierarchy:
-    """A latent cache folder: per-split raw features per grid, labels, captions, PCA per grid."""
+    """A latent cache folder: per-split raw features per grid, labels, captions, PCA per grid. Its meta.json
+    holds the size of every file, so a damaged or truncated file is named instead of read."""
 
     def __init__(self, root):
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
             raise data.UsageError(f"no latent cache at {self.root}; build it with python hierarchy.py --data ...")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = data.read_json(meta_path, self.remedy)
+        for name, size in self.meta.get("files", {}).items():
+            have = (self.root / name).stat().st_size if (self.root / name).exists() else None
+            if have != size:
+                found = "missing" if have is None else f"{have} bytes, expected {size}"
+                raise data.UsageError(f"latent cache file {self.root / name} is damaged ({found}); {self.remedy}")
         self.enc_dim, self.image_shape = self.meta["enc_dim"], tuple(self.meta["image_shape"])
-        self.pca = {int(m): dict(np.load(self.root / f"pca-{m}.npz")) for m in self.meta["grids"]}
+        self.pca = {int(m): self._read(f"pca-{m}.npz") for m in self.meta["grids"]}
+
+    @property
+    def remedy(self):
+        return f"delete the folder {self.root} to rebuild the cache"
+
+    def _read(self, name, **kw):
+        """An array file of the cache (an .npz as a dict), or a UsageError naming it."""
+        try:
+            if name.endswith(".json"):
+                return json.loads((self.root / name).read_text())
+            out = np.load(self.root / name, **kw)
+            return dict(out) if name.endswith(".npz") else out
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise data.UsageError(f"latent cache file {self.root / name} cannot be read "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {self.remedy}") from None
 
     def levels(self, depth, image_patch):
         return level_specs(depth, self.enc_dim, self.image_shape, image_patch)
 
     def reduction(self, level):
+        """The channel reduction of a latent level; a UsageError if the cache has too few training vectors."""
+        have = self.pca[level.grid]["basis"].shape[1]
+        if have < level.channels:
+            raise data.UsageError(f"the latent cache {self.root} has {have} training vectors at grid {level.grid}, "
+                                  f"fewer than the {level.channels} channels of {level.name}; use more training images")
         return Reduction(self.pca[level.grid], level.channels)
 
     def features(self, split, grid):
-        return np.load(self.root / f"{split}-{grid}.npy", mmap_mode="r")             # (N, D, M, M) float16
+        return self._read(f"{split}-{grid}.npy", mmap_mode="r")                       # (N, D, M, M) float16
+
+    def vae_moments(self, split):
+        return self._read(f"{split}-vae.npy", mmap_mode="r")                          # (N, 8, h, w) float16
 
     def labels(self, split):
-        return np.load(self.root / f"{split}-labels.npy")
+        return self._read(f"{split}-labels.npy")
 
     def captions(self, split):
-        return json.loads((self.root / f"{split}-captions.json").read_text())
+        return self._read(f"{split}-captions.json")
+
+
+def locate_cache(meta, run_dir, cache_dir="cache"):
+    """The latent cache of a trained level: its path relative to the level's run folder (so a run folder
+    moved together with its cache still finds it, from any working directory), else the folder of that
+    name under ``cache_dir``. Older meta.json files stored the path itself: it is tried too."""
+    name = Path(meta["cache"]).name
+    tried = [Path(run_dir) / meta["cache_rel"]] if "cache_rel" in meta else []
+    tried += [Path(cache_dir) / name] + ([Path(meta["cache"])] if meta["cache"] != name else [])
+    for root in tried:
+        if (root / "meta.json").exists():
+            return Hierarchy(root)
+    raise data.UsageError(f"latent cache {name} of {run_dir} not found (tried {', '.join(map(str, tried))}); "
+                          "pass --cache-dir the folder that holds it")
 
 
 def build_cache(args, encoder=None, vae=None):
-    """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy."""
+    """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy.
+    One process at a time builds a cache (a lock file in it); a second one exits with one line."""
     root = Path(args.cache_dir) / cache_name(args)
+    if not _missing(root, args):
+        return Hierarchy(root)
+    with data.folder_lock(root, "the latent cache"):
+        missing = _missing(root, args)  # another process may have completed it in the meantime
+        return _extend_cache(root, args, *missing, encoder, vae) if missing else Hierarchy(root)
+
+
+def _missing(root, args):
+    """(cache meta, grids to encode, whether the VAE moments are to encode), or None when nothing is missing."""
     meta_path = root / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = data.read_json(meta_path, f"delete the folder {root} to rebuild the cache") if meta_path.exists() else {}
     grids = [2 ** k for k in range(args.depth - 1)]
     todo = [m for m in grids if m not in meta.get("grids", [])]
     need_vae = args.image_space == "sd-vae" and not meta.get("vae")
-    if meta and not todo and not need_vae:
-        return Hierarchy(root)
-    root.mkdir(parents=True, exist_ok=True)
+    return None if meta and not todo and not need_vae else (meta, todo, need_vae)
+
+
+def _extend_cache(root, args, meta, todo, need_vae, encoder, vae):
+    """Encode what is missing (``todo`` grids, VAE moments) into the cache folder ``root``."""
+    meta_path = root / "meta.json"
     encoder = encoder or make_encoder(args)
     vae = vae or (load_vae(args.vae, args.device) if need_vae else None)
     for split in ("train", "test"):
@@ -218,13 +274,15 @@ def build_cache(args, encoder=None, vae=None):
         _encode_split(ds, split, root, todo, encoder, vae if need_vae else None, args)
     for m in todo:
         pca = fit_pca(_sample_vectors(np.load(root / f"train-{m}.npy", mmap_mode="r"), args.seed))
-        np.savez(root / f"pca-{m}.npz", **pca)
+        data.save_npz(root / f"pca-{m}.npz", **pca)
     x0 = ds[0][0]
     image_shape = list(x0.shape) if args.image_space == "pixels" else [4, x0.shape[1] // 8, x0.shape[2] // 8]
     meta = {"grids": sorted(set(meta.get("grids", [])) | set(todo)), "enc_dim": encoder.dim,
             "num_classes": ds.num_classes, "has_captions": ds.has_captions,
             "image_shape": image_shape, "image_space": args.image_space, "vae": bool(meta.get("vae") or need_vae),
             "args": {k: getattr(args, k) for k in ("data", "image_size", "clip", "pretrained", "min_crop", "vae")}}
+    meta["files"] = {p.name: p.stat().st_size for p in sorted(root.iterdir())
+                     if p.suffix in (".npy", ".npz", ".json") and p.name != "meta.json"}
     data.atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
     return Hierarchy(root)
 
@@ -284,25 +342,29 @@ class LevelData(Dataset):
         self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
         self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
         sd_vae_target = levels[-1].image and hier.meta["image_space"] == "sd-vae"
-        self.vae = np.load(hier.root / f"{split}-vae.npy", mmap_mode="r") if sd_vae_target else None  # moments
+        self.vae = hier.vae_moments(split) if sd_vae_target else None  # moments
         self.base = base  # the image dataset, when the target is the image level in pixel space
 
     def __len__(self):
         return len(self.labels)
 
-    def level(self, lv, idx):
+    def level(self, lv, idx, draw=None):
         """Level ``lv`` of the items ``idx`` (a list): (len(idx), C, M, M)."""
         if not lv.image:
             return self.reduce[lv.grid](self.feats[lv.grid][idx].astype(np.float32))
         if self.vae is not None:
             mean, std = torch.from_numpy(self.vae[idx].astype(np.float32)).chunk(2, dim=1)     # (B, 4, h, w) each
-            return (mean + std * torch.randn_like(std)) * VAE_SCALE
+            return (mean + std * (draw.randn(std) if draw else torch.randn_like(std))) * VAE_SCALE
         return torch.stack([self.base[i][0] for i in idx])                                      # (B, C, H, W)
 
-    def batch(self, idx):
-        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``."""
-        zs = [self.level(lv, idx) for lv in self.levels]
-        captions = [random.choice(self.captions[i]) for i in idx]
+    def batch(self, idx, draw=None):
+        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``; the SD-VAE
+        posterior samples and the caption of each item (one of its several) come from ``draw`` (randn(like),
+        rand(like): train.py's per-step draws), or from the global RNG when None."""
+        zs = [self.level(lv, idx, draw) for lv in self.levels]
+        u = draw.rand(torch.empty(len(idx))) if draw else torch.rand(len(idx))                  # (B,) in [0, 1)
+        captions = [self.captions[i][min(int(v * len(self.captions[i])), len(self.captions[i]) - 1)]
+                    for i, v in zip(idx, u.tolist())]
         return zs[-1], zs[:-1], torch.from_numpy(self.labels[idx]), captions
 
     def __getitem__(self, i):
@@ -352,7 +414,11 @@ def add_hierarchy_args(p):
 
 
 def resolve_defaults(args):
-    """Fill the dataset-dependent defaults of add_hierarchy_args in place."""
+    """Check the flags of add_hierarchy_args (before anything is read or built) and fill the
+    dataset-dependent defaults in place."""
+    data.check_dataset_name(args.data)
+    for flag, low in (("--image-size", 1), ("--min-crop", 1), ("--encode-batch", 1), ("--workers", 0)):
+        data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     glyphs = args.data == "glyphs"
     args.image_size = args.image_size or (32 if glyphs else 256)
     args.clip = args.clip or ("glyph-clip" if glyphs else "ViT-B-16")
@@ -365,6 +431,7 @@ def resolve_defaults(args):
 
 
 def main(args):
+    data.check_range("--depth", args.depth, 1)
     resolve_defaults(args)
     start = time.time()
     hier = build_cache(args)

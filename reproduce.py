@@ -156,7 +156,7 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
     npz = sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
-        "--model", model, "--cond-path", args.cond_path] + (["--sigma", *map(str, sigmas)] if sigmas else [])
+        "--overwrite", "--model", model, "--cond-path", args.cond_path] + (["--sigma", *map(str, sigmas)] if sigmas else [])
         + list(extra)))
     feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
     return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref), npz

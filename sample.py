@@ -28,8 +28,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import hierarchy as H
-import train
-from denoiser import COND_PATHS
+from denoiser import COND_PATHS, CONDS, load_denoiser
 from diffusion import SAMPLERS, Diffusion
 
 CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
@@ -39,17 +38,22 @@ CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]
 # Finding and loading the levels of a depth-L model
 # ----------------------------------------------------------------------------------------------------
 
-def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None):
-    """The run folders of levels L … 1 of a depth-L model, top-down (matched on what each level generates
-    and is conditioned on, so levels shared with shallower models are found too). ``sigma`` (σ_L … σ_2, as
-    train.py --sigma for the image level) picks among versions trained with different condition noise:
-    level l was trained with its first L − l values; ``cond_path`` among versions whose conditions enter
-    by another path (train.py --cond-path)."""
-    if sigma is not None and len(sigma) != depth - 1:
-        raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
-    metas = [json.loads(p.read_text()) | {"dir": str(p.parent)} for p in sorted(Path(run).glob("*/meta.json"))]
-    metas = [m for m in metas if m["cond"] == cond and (model is None or m["model"] == model)
-             and (cond_path is None or not m["cond_grids"] or m.get("cond_path", "tokens") == cond_path)]
+def read_metas(run, cond, model=None, cond_path=None):
+    """meta.json of every trained level (one with a checkpoint) in the folder ``run`` of this ``cond`` and size
+    whose latent conditions enter by ``cond_path`` (train.py --cond-path; the top level has none)."""
+    metas = []
+    for path in sorted(Path(run).glob("*/meta.json")):
+        if (path.parent / "ckpt.pt").exists():
+            remedy = "restore it, or delete its folder and retrain the level"
+            metas.append(data.read_json(path, remedy) | {"dir": str(path.parent)})
+    return [m for m in metas if m.get("cond") == cond and (model is None or m.get("model") == model)
+            and (cond_path is None or not m["cond_grids"] or m.get("cond_path", "tokens") == cond_path)]
+
+
+def match_levels(metas, depth, sigma=None):
+    """The levels L … 1 of a depth-L model among ``metas``, top-down; at the first level missing, the
+    level number instead of a list (matched on what each level generates and is conditioned on, so levels
+    shared with shallower models are found too)."""
     found = []
     for level in range(depth, 0, -1):
         grids = [2 ** k for k in range(depth - level)]
@@ -58,21 +62,47 @@ def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None):
                  and (image or m["target"][1] == 2 ** (depth - level))
                  and (sigma is None or m["sigmas"] == list(sigma[:depth - level]))]
         if not match:
-            data_name = metas[0]["data"] if metas else "glyphs"
-            raise data.UsageError(f"level {level} of depth {depth} ({cond}) is not trained in {run}; train it with "
-                                  f"python train.py --level {level} --depth {depth} --data {data_name} --cond {cond}")
+            return level
         if len(match) > 1:
-            raise data.UsageError(f"level {level} has {len(match)} trained versions in {run} "
-                                  f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma or --model")
+            raise data.UsageError(f"level {level} has {len(match)} trained versions in {Path(match[0]['dir']).parent} "
+                                  f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma, --model or --cond-path")
         found.append(match[0])
     return found
 
 
+def holds_model(run, depth, cond, model=None, sigma=None, cond_path=None):
+    """Whether the folder ``run`` holds every level of the model (in one version or several)."""
+    try:
+        return isinstance(match_levels(read_metas(run, cond, model, cond_path), depth, sigma), list)
+    except data.UsageError as e:  # several versions of a level, or a damaged meta.json
+        return "trained versions" in str(e)
+
+
+def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None):
+    """The run folders of levels L … 1 of a depth-L model in ``run``, top-down. ``sigma`` (σ_L … σ_2, as
+    train.py --sigma for the image level) picks among versions trained with different condition noise:
+    level l was trained with its first L − l values; ``cond_path`` picks among versions whose conditions
+    enter by another path (train.py --cond-path). When ``run`` lacks a level, the error names the
+    folders beside it that hold the whole model (make demo trains into runs/reproduce-quick)."""
+    if sigma is not None and len(sigma) != depth - 1:
+        raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
+    metas = read_metas(run, cond, model, cond_path)
+    found = match_levels(metas, depth, sigma)
+    if isinstance(found, list):
+        return found
+    elsewhere = [str(d) for d in sorted(Path(run).parent.glob("*")) if d.is_dir() and d != Path(run)
+                 and holds_model(d, depth, cond, model, sigma, cond_path)]
+    if elsewhere:
+        raise data.UsageError(f"level {found} of depth {depth} ({cond}) is not trained in {run}, but the whole model "
+                              f"is in {' and '.join(elsewhere)}: pass --run-dir {elsewhere[0]}")
+    data_name = metas[0]["data"] if metas else "glyphs"
+    raise data.UsageError(f"level {found} of depth {depth} ({cond}) is not trained in {run}; train it with "
+                          f"python train.py --level {found} --depth {depth} --data {data_name} --cond {cond}")
+
+
 def load_level(meta, device, use_ema=True):
     """(denoiser in eval mode, its Diffusion) from a level's run folder."""
-    state = train.load_checkpoint(Path(meta["dir"]) / "ckpt.pt")
-    model = train.build_model(meta)
-    model.load_state_dict(state["ema" if use_ema else "model"])
+    model = load_denoiser(meta, Path(meta["dir"]) / "ckpt.pt", use_ema)
     return model.to(device).eval(), Diffusion(meta["schedule"], meta["T"])
 
 
@@ -174,18 +204,45 @@ def save_labelled_grid(images, path, label):
         out.save(path)
 
 
-def main(args):
-    device = torch.device(args.device)
-    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma, args.cond_path)
+def check_flags(args):
+    """The checks that need no trained level: they run before anything is loaded."""
+    for flag, low in (("--depth", 1), ("--n", 1), ("--batch", 1), ("--steps", 1), ("--eta", 0), ("--gamma", 0)):
+        data.check_range(flag, getattr(args, flag[2:]), low)
+    if args.reference and not 0 <= args.keep < args.depth:
+        raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
     if args.prompt is not None and args.cond != "text":
         raise data.UsageError(f"--prompt needs a text-conditional model (--cond text); this one is --cond {args.cond}")
     if args.class_id is not None and args.cond != "class":
         raise data.UsageError(f"--class needs a class-conditional model (--cond class); this one is --cond {args.cond}")
-    if args.reference and not 0 <= args.keep < args.depth:
-        raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
+    npz = output_path(args)
+    if npz.exists() and not args.overwrite:
+        raise data.UsageError(f"{npz} exists; pass --overwrite to replace it, or another --out")
+
+
+def output_path(args):
+    """Where the samples go: <out>/depth<L>-<cond>[-keep<K>].npz (the grid: the same name, .png)."""
+    name = f"depth{args.depth}-{args.cond}" + (f"-keep{args.keep}" if args.reference else "")
+    return Path(args.out) / f"{name}.npz"
+
+
+def check_levels(args, metas):
+    """The checks against the trained levels: class id range and sampling steps."""
+    classes = metas[0]["num_classes"]
+    if args.class_id is not None and not 0 <= args.class_id < classes:
+        raise data.UsageError(f"--class {args.class_id} is outside 0..{classes - 1} (the model's {classes} classes)")
+    T = min(m["T"] for m in metas)
+    if args.steps > T:
+        raise data.UsageError(f"--steps {args.steps} is more than the {T} diffusion steps the levels were trained with")
+
+
+def main(args):
+    check_flags(args)
+    device = torch.device(args.device)
+    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma, args.cond_path)
+    check_levels(args, metas)
     weights = cfg_weights(args.cfg, args.cond, args.depth)
     levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]
-    hier = H.Hierarchy(metas[0]["cache"])
+    hier = H.locate_cache(metas[0], metas[0]["dir"], args.cache_dir)
     cache_args = argparse.Namespace(**{**hier.meta["args"], "device": args.device})
     vae = H.load_vae(cache_args.vae, device) if hier.meta["image_space"] == "sd-vae" else None
     needs_encoder = args.cond == "text" or args.reference
@@ -216,10 +273,11 @@ def main(args):
         seconds += secs
 
     images = np.concatenate(images)                                                   # (N, H, W, C) uint8
-    out = Path(args.out)
+    npz = output_path(args)
+    out, name = npz.parent, npz.stem
     out.mkdir(parents=True, exist_ok=True)
-    name = f"depth{args.depth}-{args.cond}" + (f"-keep{args.keep}" if args.reference else "")
-    np.savez(out / f"{name}.npz", arr_0=np.repeat(images, 3, -1) if images.shape[-1] == 1 else images)
+    rgb = np.repeat(images, 3, -1) if images.shape[-1] == 1 else images
+    data.save_npz(npz, arr_0=rgb)
     grid = images[:64]
     if args.reference and isinstance(refs, torch.Tensor):  # the reference, then its resamplings
         grid = np.concatenate([data.to_uint8(refs), grid[:63]])
@@ -238,7 +296,9 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--depth", type=int, default=5, help="number of levels L")
     p.add_argument("--run-dir", "--run", dest="run", default="runs/glyphs", help="folder of trained levels (train.py --run-dir)")
-    p.add_argument("--cond", choices=train.CONDS, default="none", help="which trained family to sample")
+    p.add_argument("--cache-dir", default="cache",
+                   help="where the latent caches are, when not found beside the run folder (train.py --cache-dir)")
+    p.add_argument("--cond", choices=CONDS, default="none", help="which trained family to sample")
     p.add_argument("--model", default=None, help="denoiser size, when a level was trained at several sizes")
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ_L … σ_2 (top-down) the levels were trained with, when a level has several versions")
@@ -265,6 +325,7 @@ def get_parser():
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
     p.add_argument("--out", default="samples", help="output folder for the .png grid and the .npz")
+    p.add_argument("--overwrite", action="store_true", help="replace the .npz and .png of an earlier run in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     return p
 

@@ -18,7 +18,11 @@ import argparse
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from contextlib import ExitStack
 from copy import deepcopy
 from pathlib import Path
 
@@ -30,11 +34,8 @@ from tqdm import tqdm
 
 import data
 import hierarchy as H
-from denoiser import COND_PATHS, SIZES, Denoiser, count_params
+from denoiser import COND_PATHS, CONDS, SIZES, build_model, count_params, load_checkpoint, save_checkpoint
 from diffusion import SCHEDULES, Diffusion
-
-CONDS = ("none", "class", "text")
-
 
 # ----------------------------------------------------------------------------------------------------
 # What a level is: its levels, its name, its model
@@ -64,13 +65,6 @@ def level_key(target, conds, sigmas, cond, model, cond_path="tokens"):
     return f"{target.name}p{target.patch}-given-{given}{path}-{cond}-{model}"
 
 
-def build_model(meta):
-    """The Denoiser described by a checkpoint's ``meta`` (also used by sample.py)."""
-    return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],
-                    num_classes=meta["num_classes"], text_shape=meta["text_shape"] and tuple(meta["text_shape"]),
-                    size=meta["model"], p_uncond=meta["p_uncond"], cond_path=meta.get("cond_path", "tokens"))
-
-
 def schedule_for(args, hier, target):
     """β schedule: the paper's scaled-linear, except linear for pixel images (its √ᾱ_T ≈ 0.068 leaks signal)."""
     if args.schedule != "auto":
@@ -95,19 +89,6 @@ def update_ema(ema, model, decay):
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
-
-
-def save_checkpoint(path, obj):
-    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous checkpoint."""
-    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_checkpoint(path):
-    """A checkpoint on the CPU (never straight onto the GPU: DiT PR #36)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise data.UsageError(f"cannot read checkpoint {path} ({str(e).splitlines()[0]})") from e
 
 
 def rng_state():
@@ -187,23 +168,172 @@ class GlobalDraw:
         return torch.randint(0, high, (n,), generator=self.g, device=like.device)[self.rank::self.world]
 
 
-def check_args(args, hier):
+def data_generator(seed, step):
+    """The generator of a step's data-side draws (SD-VAE posterior samples, one caption per image), apart
+    from the one for t, ε, σ-noise and dropout, so that adding them changed no other draw."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
+
+
+def check_flags(args):
+    """The checks that need no data: they run before any cache is built or model made."""
+    data.check_range("--depth", args.depth, 1)
     if not 1 <= args.level <= args.depth:
         raise data.UsageError(f"--level {args.level} is outside 1..{args.depth} (level 1 = image, {args.depth} = top)")
+    if args.sigma and len(args.sigma) != args.depth - args.level:
+        raise data.UsageError(f"--sigma takes {args.depth - args.level} values (one per level above {args.level})")
+    for flag, low in (("--steps", 1), ("--batch-size", 1), ("--log-every", 1), ("--ckpt-every", 1), ("--T", 2),
+                      ("--warmup", 0), ("--weight-decay", 0), ("--sigma", 0), ("--image-patch", 1)):
+        data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    data.check_range("--lr", args.lr, 0, strict=True)
+    data.check_range("--p-uncond", args.p_uncond, 0, 1)
+    data.check_range("--ema", args.ema, 0, 1)
+    if not all(0 <= b < 1 for b in args.betas):
+        raise data.UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
+    H.resolve_defaults(args)
+
+
+def check_args(args, hier):
     if args.cond == "text" and not any(any(c) for c in hier.captions("train")[:100]):
         raise data.UsageError(f"--cond text needs captions, and {args.data} has none; use --cond none or class")
     if args.cond == "class" and hier.meta["num_classes"] == 0:
         raise data.UsageError(f"--cond class needs class labels, and {args.data} has none")
-    if args.sigma and len(args.sigma) != args.depth - args.level:
-        raise data.UsageError(f"--sigma takes {args.depth - args.level} values (one per level above {args.level})")
     if args.batch_size % args.world:
         raise data.UsageError(f"--batch-size {args.batch_size} is not divisible by the {args.world} processes")
 
 
+# what a resumed run may change (recorded in meta.json's "resumes"); the rest of args must match the checkpoint's,
+# apart from the flags the level's key and its cache's name already pin down (level, depth, σ, patch, data, encoder)
+RESUME_FREE = ("steps", "log_every", "ckpt_every", "device", "precision", "compile", "run", "world",
+               "cache_dir", "data_dir", "data_path", "encode_batch", "workers")
+RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "batch_size")
+META_FREE = ("level", "depth", "cache", "cache_rel", "resumes")  # the same level is shared by several depths
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _shown(v):
+    """A value as typed on the command line: lists space-separated."""
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def resume_changes(state, meta, args):
+    """(refused, allowed): "name old -> new" for each difference between a checkpoint and this run in what
+    defines the model or its optimisation (refused), and in the settings a resumed run may change (allowed)."""
+    old_meta, old_args = state["meta"], state["args"]
+    refused = [f"{k} {_shown(old_meta[k])} -> {_shown(meta[k])}" for k in meta
+               if k in old_meta and k not in META_FREE and _plain(old_meta[k]) != _plain(meta[k])]
+    if Path(old_meta["cache"]).name != meta["cache"]:
+        refused.append(f"latent cache {Path(old_meta['cache']).name} -> {meta['cache']}")
+    diff = {k: [old_args[k], getattr(args, k)] for k in old_args
+            if hasattr(args, k) and _plain(old_args[k]) != _plain(getattr(args, k))}
+    refused += [f"--{k.replace('_', '-')} {_shown(a)} -> {_shown(b)}" for k, (a, b) in diff.items() if k in RESUME_FIXED]
+    return refused, {k: v for k, v in diff.items() if k in RESUME_FREE}
+
+
+def previous_state(ckpt_path, meta, args):
+    """The checkpoint this run continues (None for a new level), after checking that it may: the same
+    level (never overwrite another one), --resume given unless it is already trained, nothing changed that
+    defines the model or its optimisation. The allowed changes are recorded in meta["resumes"]."""
+    if not ckpt_path.exists():
+        return None
+    state = load_checkpoint(ckpt_path, ("model", "ema", "opt", "args", "meta", "step", "rng"))
+    if state["meta"]["key"] != meta["key"]:  # another level, depth, σ or size: never overwrite it
+        raise data.UsageError(f"{ckpt_path} holds another model (key {state['meta']['key']}); use another --run-dir")
+    if state["step"] >= args.steps:
+        return state
+    if not args.resume:
+        raise data.UsageError(f"{ckpt_path} exists ({state['step']} steps); pass --resume to continue it, "
+                              "or use another --run-dir")
+    refused, allowed = resume_changes(state, meta, args)
+    if refused:
+        raise data.UsageError(f"--resume would change how {ckpt_path} was trained: {'; '.join(refused)}; "
+                              "pass the original values, or use another --run-dir for a new model")
+    meta["resumes"] = state["meta"].get("resumes", []) + [{"step": state["step"], "changed": allowed}]
+    return state
+
+
+def trim_log(path, step):
+    """Drop the log lines after ``step`` (written after the checkpoint a run resumes from) and any line cut
+    short by a kill, so that log.txt holds each step once, in order."""
+    if path.exists():
+        text = path.read_text()
+        keep = "".join(ln for ln in text.splitlines(keepends=True) if ln.endswith("\n") and _log_step(ln) <= step)
+        if keep != text:
+            data.atomic_write(path, lambda tmp: tmp.write_text(keep))
+
+
+def _log_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def snapshot(model, ema, opt, args, meta, step):
+    """The checkpoint after ``step`` steps: weights, EMA, optimiser, args, meta and the RNG states."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "args": vars(args), "meta": meta, "step": step, "rng": rng_state()}
+
+
+class StopOnSignal:
+    """While training, Ctrl-C (SIGINT) or SIGTERM lets the current step finish, then ``finish`` writes a
+    checkpoint at that step and exits with one line; a second signal stops at once (the previous
+    checkpoint is kept). One process stops after the step the signal came in; DDP ranks agree at the
+    next log step, so that they all stop after the same step."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self.armed, self.previous = None, False, {}
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        """Before the training loop (``armed``): stop at once, as Ctrl-C does; in it: after the step."""
+        self.signum = signum
+        self.__exit__()
+        if not self.armed:
+            raise KeyboardInterrupt
+
+    def agreed(self, device, world, log_step):
+        """True when every rank is to stop after this step."""
+        if world == 1:
+            return self.signum is not None
+        return log_step and any_rank(self.signum is not None, device)
+
+    def finish(self, rank, world, ckpt_path, state, bar, log):
+        """Checkpoint at the current step (rank 0), one line, exit code 128 + the signal."""
+        signum = self.signum or signal.SIGTERM
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+            bar.close()
+            log.close()
+            print(f"error: stopped by {signal.Signals(signum).name} after step {state['step']}; checkpoint {ckpt_path}; "
+                  "continue with the same command and --resume", file=sys.stderr)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        raise SystemExit(128 + signum)
+
+
 def train(args):
+    """Train one level (see the module docstring); Ctrl-C or SIGTERM stops it with a checkpoint; the level's
+    run folder is locked while it trains."""
+    with StopOnSignal() as stop, ExitStack() as locks:
+        return train_level(args, stop, locks)
+
+
+def train_level(args, stop, locks):
+    check_flags(args)
     rank, world, device = setup_distributed(args.device)
     args.world = world
-    H.resolve_defaults(args)
     if rank == 0:
         hier = H.build_cache(args)  # only builds what is missing
     if world > 1:
@@ -215,35 +345,28 @@ def train(args):
     key = level_key(target, conds, sigmas, args.cond, args.model, cond_path)
     run = Path(args.run or f"runs/{H.data_tag(args.data)}") / key
     ckpt_path = run / "ckpt.pt"
+    if rank == 0:  # one writer per run folder
+        locks.enter_context(data.folder_lock(run, "the run folder"))
     meta = {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
             "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
             "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond, "cond_path": cond_path,
             "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
             "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
-            "cache": str(hier.root), "image_space": hier.meta["image_space"], "data": args.data}
+            "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
+            "image_space": hier.meta["image_space"], "data": args.data}
     encoder = None
     if args.cond == "text":  # the frozen text tower runs on the fly: captions are drawn at random each step
         encoder = H.make_encoder(args, device)
         meta["text_shape"] = list(encoder.text_shape)
 
-    start_step, state = 0, None
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        for field in ("key", "cache"):  # another level, depth, σ, size or latent cache: never overwrite it
-            if state["meta"][field] != meta[field]:
-                raise data.UsageError(f"{ckpt_path} holds another model ({field} {state['meta'][field]}); "
-                                      "use another --run-dir")
-        if state["step"] >= args.steps:
-            if rank == 0:
-                print(f"level {args.level} ({key}) is already trained ({state['step']} steps) at {ckpt_path}: reused")
-            return ckpt_path
-        if not args.resume:
-            raise data.UsageError(f"{ckpt_path} exists ({state['step']} steps); pass --resume to continue it, "
-                                  "or use another --run-dir")
-        start_step = state["step"]
+    state = previous_state(ckpt_path, meta, args)
+    if state is not None and state["step"] >= args.steps:
+        if rank == 0:
+            print(f"level {args.level} ({key}) is already trained ({state['step']} steps) at {ckpt_path}: reused")
+        return ckpt_path
+    start_step = state["step"] if state is not None else 0
 
-    seed = args.seed * world + rank
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever their number
     model = build_model(meta).to(device)
     ema = deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas))
@@ -263,16 +386,19 @@ def train(args):
     dataset = H.LevelData(hier, "train", conds + [target], base)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps(vars(args), indent=1))
-        (run / "meta.json").write_text(json.dumps(meta, indent=1))
+        for name, obj in (("args.json", vars(args)), ("meta.json", meta)):
+            data.atomic_write(run / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+        trim_log(run / "log.txt", start_step)
         print(f"level {args.level} of {args.depth}: {target.name} given {[c.name for c in conds]} σ={sigmas} "
               f"| {args.model}, {count_params(model) / 1e6:.2f}M params | {len(dataset)} items | {run}")
     log = open(run / "log.txt", "a") if rank == 0 else None
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                desc=f"level {args.level}", dynamic_ncols=True)
     tick, last_loss = time.time(), float("nan")
+    stop.armed = True  # from here a signal stops training after the current step, with a checkpoint
     for step in bar:
-        x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step))
+        x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step),
+                                           GlobalDraw(data_generator(args.seed, step), rank, world))
         x, zs, y = x.to(device), [z.to(device) for z in zs], y.to(device)
         g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
         draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows
@@ -302,8 +428,9 @@ def train(args):
                                       "lr": opt.param_groups[0]["lr"]}) + "\n")
                 log.flush()
         if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                        "args": vars(args), "meta": meta, "step": step + 1, "rng": rng_state()})
+            save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1))
+        if step + 1 < args.steps and stop.agreed(device, world, (step + 1) % args.log_every == 0):
+            stop.finish(rank, world, ckpt_path, snapshot(model, ema, opt, args, meta, step + 1), bar, log)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

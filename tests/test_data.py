@@ -154,3 +154,19 @@ def test_cli_show_writes_grid(glyph_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{GLYPH_COUNT} images" in r.stdout
     assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (data.UsageError("--n must be >= 1, got 0"), 2, "error: --n must be >= 1, got 0"),
+    (PermissionError(13, "Permission denied", "runs/x/ckpt.pt"), 1,
+     "error: Permission denied (runs/x/ckpt.pt); the folder is not writable: pick another output folder or fix its permissions"),
+    (OSError(28, "No space left on device", "runs/x/log.txt"), 1,
+     "error: No space left on device (runs/x/log.txt); free disk space and run the command again"),
+    (KeyboardInterrupt(), 130, "error: interrupted"),
+])
+def test_run_main_turns_failures_into_one_line(capsys, error, code, line):
+    def main(args):
+        raise error
+    with pytest.raises(SystemExit) as e:
+        data.run_main(main, None)
+    assert e.value.code == code and capsys.readouterr().err == line + "\n"

@@ -155,6 +155,8 @@ def test_read_npz_kinds_and_data_spec(tmp_path):
     ({"mu": np.zeros(3), "sigma": np.zeros((2, 2))}, "sigma"),
     ("npy", "single array"),
     ("text", "not a readable"),
+    ({"arr_0": np.array([object(), 1], dtype=object)}, "cannot be read .*allow_pickle"),
+    ({"mu": np.full(2, np.nan), "sigma": np.eye(2)}, "non-finite statistics"),
 ])
 def test_read_npz_bad_input(tmp_path, contents, message):
     path = tmp_path / "in.npz"
@@ -199,6 +201,21 @@ def test_usage_error_is_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and "nope.npz not found" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["fid", "a.npz", "b.npz", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["fid", "a.npz", "b.npz", "--max-n", "1"], "--max-n must be >= 2"),
+    (["knn", "--train", "a.npz", "--test", "b.npz", "--k", "0"], "--k must be >= 1"),
+])
+def test_flags_are_checked_before_reading(flags, message):
+    with pytest.raises(data.UsageError, match=message):
+        evaluate.main(evaluate.get_parser().parse_args(flags))
+
+
+def test_nan_statistics_are_refused_not_printed():
+    with pytest.raises(data.UsageError, match="NaN or inf"):
+        evaluate.frechet_distance(np.zeros(2), np.eye(2), np.array([0.0, np.nan]), np.eye(2))
+
+
 def test_evenly_spaced():
     assert evaluate.evenly_spaced(10, 10) == list(range(10))
     assert evaluate.evenly_spaced(10, 4) == [0, 2, 5, 7]
@@ -211,6 +228,9 @@ def test_glyph_stats_key_follows_the_rendering_version(monkeypatch):
     glyphs, folder = paths()
     monkeypatch.setattr(data, "GLYPH_FORMAT", data.GLYPH_FORMAT + 1)
     assert paths()[0] != glyphs and paths()[1] == folder
+    # another glyph set (a machine whose Pillow renders 4 fewer characters) gets other statistics too
+    sets = [evaluate.stats_cache_path("cache", "glyphs", "test", 32, None, glyph_set=h) for h in ("abc", "abd")]
+    assert sets[0] != sets[1] != paths()[0]
 
 
 def test_dataset_stats_cache_round_trip(tmp_path, monkeypatch, fid_spy):

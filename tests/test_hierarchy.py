@@ -1,4 +1,5 @@
 """Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level."""
+import json
 import math
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_sd_vae_bottom_level(tmp_path, tiny_encoder):
                                   up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
                                   layers_per_block=1, sample_size=32)
     vae.save_pretrained(tmp_path / "vae")
-    name = _folder(tmp_path, n=10)
+    name = _folder(tmp_path, n=17)  # 32 training vectors at least: the top level's channels
     hier = H.build_cache(_args(tmp_path, name, 2, image_space="sd-vae", vae=str(tmp_path / "vae")), encoder=tiny_encoder)
     levels = hier.levels(2, image_patch=2)
     assert levels[-1].shape == (4, 4, 4)
@@ -179,3 +180,43 @@ def test_missing_glyph_clip_is_usage_error(tmp_path):
     args = H.get_parser().parse_args(["--pretrained", str(tmp_path / "nope.pt")])
     with pytest.raises(H.data.UsageError, match="encoder.py --train"):
         H.resolve_defaults(args)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depth", "0"], "--depth must be >= 1"),
+    (["--encode-batch", "0"], "--encode-batch must be >= 1"),
+    (["--data", "nope"], "unknown dataset 'nope'"),
+])
+def test_flags_are_checked_before_the_cache(tmp_path, flags, message):
+    args = H.get_parser().parse_args(["--pretrained", "random", "--cache-dir", str(tmp_path / "c"), *flags])
+    with pytest.raises(H.data.UsageError, match=message):
+        H.main(args)
+    assert not (tmp_path / "c").exists()
+
+
+def test_too_few_training_vectors_for_a_level(tmp_path, tiny_encoder):
+    """19 training images give a 1x1 basis of rank 19 < the 32 channels of the top level: named, not a shape error."""
+    hier = H.build_cache(_args(tmp_path, _folder(tmp_path, n=10), 2), encoder=tiny_encoder)
+    with pytest.raises(H.data.UsageError, match="19 training vectors at grid 1, fewer than the 32 channels"):
+        hier.reduction(hier.levels(2, 4)[0])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate-npy", r"train-1.npy is damaged \(\d+ bytes, expected \d+\); delete the folder"),
+    ("truncate-pca", r"pca-1.npz is damaged"),
+    ("old-cache-garbage-pca", r"pca-1.npz cannot be read"),
+    ("old-cache-truncated-npy", r"train-1.npy cannot be read"),
+    ("meta", r"meta.json is damaged"),
+])
+def test_damaged_cache_file_is_named(tmp_path, tiny_encoder, damage, message):
+    hier = H.build_cache(_args(tmp_path, _folder(tmp_path), 2), encoder=tiny_encoder)
+    root, meta = hier.root, json.loads((hier.root / "meta.json").read_text())
+    assert meta["files"]["train-1.npy"] == (root / "train-1.npy").stat().st_size
+    if damage.startswith("old-cache"):  # a cache written before sizes were recorded
+        del meta["files"]
+        (root / "meta.json").write_text(json.dumps(meta))
+    name = {"meta": "meta.json"}.get(damage, "pca-1.npz" if "pca" in damage else "train-1.npy")
+    content = (root / name).read_bytes()
+    (root / name).write_bytes(b"garbage" if "garbage" in damage else content[:len(content) // 2])
+    with pytest.raises(H.data.UsageError, match=message):
+        H.Hierarchy(root).features("train", 1)

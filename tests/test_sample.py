@@ -1,6 +1,10 @@
 """Cascaded sampling: determinism, the unguided path, hierarchical resampling of a reference, outputs, bad input."""
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +49,7 @@ def run(tmp_path_factory):
 
 def sample_args(tmp, *extra):
     return sample.get_parser().parse_args(["--depth", "3", "--run-dir", str(tmp / "runs"), "--n", "6", "--batch", "4",
-                                           "--steps", "10", "--device", "cpu", "--out", str(tmp / "out"), *extra])
+                                           "--steps", "10", "--device", "cpu", "--out", str(tmp / "out"), "--overwrite", *extra])
 
 
 def test_same_seed_same_samples_and_npz_format(run):
@@ -121,7 +125,7 @@ def use_oracle_image_level(run, monkeypatch):
     """Replace the trained image level by NearestImage over the training images; returns those images."""
     ds = data.build_dataset(f"folder:{run / 'imgs'}", "train", 16)
     metas = sample.find_levels(run / "runs", 3, "none")
-    hier = H.Hierarchy(metas[0]["cache"])
+    hier = H.locate_cache(metas[0], metas[0]["dir"])
     levels = hier.levels(3, 4)
     pairs = [H.LevelData(hier, "train", levels[:2])[i][:2] for i in range(len(ds))]  # (z_2x2, [z_1x1])
     latents = [torch.stack([conds[0] for _, conds in pairs]), torch.stack([z for z, _ in pairs])]
@@ -177,7 +181,83 @@ def test_missing_level_names_the_train_command(run, tmp_path):
     (("--reference", "/nonexistent.png", "--keep", "1"), "cannot read reference"),
     (("--keep", "3", "--reference", "x.png"), "--keep takes 0..2"),
     (("--cfg", "0.1", "0.2"), "2 weights for 3 levels"),
+    (("--depth", "0"), "--depth must be >= 1"),
+    (("--n", "0"), "--n must be >= 1"),
+    (("--batch", "0"), "--batch must be >= 1"),
+    (("--steps", "0"), "--steps must be >= 1"),
+    (("--steps", "1001"), "more than the 1000 diffusion steps"),
 ])
 def test_bad_input(run, extra, message):
     with pytest.raises(data.UsageError, match=message):
         sample.main(sample_args(run, *extra))
+
+
+def test_sampling_and_evaluation_do_not_import_training():
+    """Checkpoint reading and model building live with the model (denoiser.py), not in train.py."""
+    code = "import sys, sample, evaluate; assert 'train' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
+
+
+def test_class_out_of_range_is_refused(run, tmp_path):
+    """The class ids of a class-conditional model are 0..K-1; K (the null index) and above are refused."""
+    for p in (run / "runs").iterdir():  # the levels relabelled as class-conditional with 2 classes
+        meta = json.loads((p / "meta.json").read_text())
+        (tmp_path / "runs" / p.name).mkdir(parents=True)
+        (tmp_path / "runs" / p.name / "meta.json").write_text(json.dumps({**meta, "cond": "class", "num_classes": 2}))
+        shutil.copy(p / "ckpt.pt", tmp_path / "runs" / p.name)
+    for bad in ("2", "-1"):
+        with pytest.raises(data.UsageError, match=f"--class {bad} is outside 0..1"):
+            sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cond", "class", "--class", bad))
+
+
+def test_earlier_samples_are_not_overwritten(run, tmp_path):
+    args = sample_args(run, "--out", str(tmp_path), "--n", "2")
+    first = sample.main(args).read_bytes()
+    args.overwrite = False
+    with pytest.raises(data.UsageError, match="depth3-none.npz exists; pass --overwrite"):
+        sample.main(args)
+    assert (tmp_path / "depth3-none.npz").read_bytes() == first
+
+
+def test_moved_run_folder_with_its_cache_samples_from_any_directory(run, tmp_path, monkeypatch):
+    """meta.json holds the cache's path relative to the run folder: moving both together keeps them paired."""
+    shutil.copytree(run / "runs", tmp_path / "moved" / "runs")
+    shutil.copytree(run / "cache", tmp_path / "moved" / "cache")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    moved = sample.main(sample_args(run, "--run-dir", str(tmp_path / "moved" / "runs"), "--out", "o", "--n", "2"))
+    here = sample.main(sample_args(run, "--out", str(tmp_path / "here"), "--n", "2"))
+    assert np.array_equal(np.load(moved)["arr_0"], np.load(here)["arr_0"])
+    shutil.rmtree(tmp_path / "moved" / "cache")  # the cache elsewhere: found through --cache-dir, or named
+    with pytest.raises(data.UsageError, match="latent cache .* not found .* pass --cache-dir"):
+        sample.main(sample_args(run, "--run-dir", str(tmp_path / "moved" / "runs"), "--out", "o2", "--n", "2"))
+    again = sample.main(sample_args(run, "--run-dir", str(tmp_path / "moved" / "runs"), "--out", "o3", "--n", "2",
+                                    "--cache-dir", str(run / "cache")))
+    assert np.array_equal(np.load(again)["arr_0"], np.load(here)["arr_0"])
+
+
+def test_levels_in_a_sibling_run_folder_are_named(run, tmp_path):
+    """Typed after make demo (which trains into runs/reproduce-quick), the default folder names where they are."""
+    shutil.copytree(run / "runs", tmp_path / "runs" / "reproduce-quick")
+    with pytest.raises(data.UsageError, match="is in .*reproduce-quick: pass --run-dir"):
+        sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs" / "glyphs")))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("meta", "meta.json is damaged .* delete its folder and retrain the level"),
+    ("other-level", "does not hold the model its meta.json describes"),
+    ("empty", "cannot read checkpoint .* damaged or empty"),
+])
+def test_damaged_level_is_named(run, tmp_path, damage, message):
+    shutil.copytree(run / "runs", tmp_path / "runs")
+    levels = sorted((tmp_path / "runs").iterdir())
+    top = next(p for p in levels if p.name.startswith("z1x1"))
+    image = next(p for p in levels if p.name.startswith("image"))
+    if damage == "meta":
+        (top / "meta.json").write_text((top / "meta.json").read_text()[:40])
+    elif damage == "other-level":
+        shutil.copy(top / "ckpt.pt", image / "ckpt.pt")
+    else:
+        (image / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(data.UsageError, match=message):
+        sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cache-dir", str(run / "cache")))

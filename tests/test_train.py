@@ -1,7 +1,12 @@
 """Training: resume equivalence, EMA, DDP (2 processes, gloo) vs 1 process, atomic checkpoints, NaN stop, bad input."""
+import json
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,9 +158,10 @@ def test_existing_checkpoint_needs_resume(workspace):
 
 
 def test_torchrun_two_processes_match_one(workspace):
-    one = torch.load(train.train(argv(workspace, 1, 3, "--steps", 3, run="ddp1")))
+    """With --seed 1: the model's initial weights do not depend on the number of processes."""
+    one = torch.load(train.train(argv(workspace, 1, 3, "--steps", 3, "--seed", 1, run="ddp1")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
-           *sys_argv(argv(workspace, 1, 3, "--steps", 3, run="ddp2"))]
+           *sys_argv(argv(workspace, 1, 3, "--steps", 3, "--seed", 1, run="ddp2"))]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     two = torch.load(next((workspace / "ddp2").glob("*/ckpt.pt")))
@@ -166,7 +172,7 @@ def test_torchrun_two_processes_match_one(workspace):
 def sys_argv(args):
     """Turn parsed args back into a command line (for the torchrun subprocess)."""
     out = []
-    for flag in ("data", "image_size", "clip", "pretrained", "min_crop", "image_space", "cache_dir", "level", "depth", "model",
+    for flag in ("data", "image_size", "clip", "pretrained", "min_crop", "image_space", "cache_dir", "level", "depth", "model", "seed",
                  "batch_size", "warmup", "lr", "ema", "log_every", "ckpt_every", "device", "run", "steps"):
         out += [f"--{flag.replace('_', '-')}" if flag != "run" else "--run-dir", str(getattr(args, flag))]
     return out
@@ -187,3 +193,180 @@ def test_ema_decay_warms_up_to_the_paper_value():
     assert train.ema_decay(0.9999, 0) == pytest.approx(0.1)
     assert train.ema_decay(0.9999, 90) == pytest.approx(91 / 100)
     assert train.ema_decay(0.9999, 10**6) == 0.9999
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--level", 7, "--depth", 5), "outside 1..5"),
+    (("--depth", 0), "--depth must be >= 1"),
+    (("--steps", 0), "--steps must be >= 1"),
+    (("--steps", -3), "--steps must be >= 1"),
+    (("--batch-size", 0), "--batch-size must be >= 1"),
+    (("--log-every", 0), "--log-every must be >= 1"),
+    (("--ckpt-every", 0), "--ckpt-every must be >= 1"),
+    (("--T", 0), "--T must be >= 2"),
+    (("--encode-batch", 0), "--encode-batch must be >= 1"),
+    (("--lr", 0), "--lr must be > 0"),
+    (("--p-uncond", 1.5), "--p-uncond must be >= 0 and <= 1"),
+    (("--betas", 0.9, 1.0), "--betas must each be in"),
+    (("--sigma", -1, 0), "--sigma must be >= 0"),
+    (("--data", "imagenett"), "unknown dataset 'imagenett'"),
+])
+def test_flags_are_checked_before_any_cache_is_built(tmp_path, extra, message):
+    args = argv(tmp_path, 1, 3, "--steps", 1, *extra)
+    args.cache_dir = str(tmp_path / "new-cache")
+    with pytest.raises(data.UsageError, match=message):
+        train.train(args)
+    assert not (tmp_path / "new-cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--level", "7", "--depth", "5", "--cache-dir", str(tmp_path / "c")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --level 7 is outside 1..5 (level 1 = image, 5 = top)"]
+    assert not (tmp_path / "c").exists()
+
+
+def test_resume_refuses_changes_to_the_model_or_its_optimisation(workspace):
+    path = train.train(argv(workspace, 3, 3, "--steps", 2, run="change"))
+    before = path.read_bytes()
+    for extra, named in [(("--lr", 2e-3), "--lr 0.001 -> 0.002"), (("--schedule", "cosine"), "schedule scaled_linear -> cosine"),
+                         (("--T", 500), "T 1000 -> 500"), (("--batch-size", 16), "--batch-size 8 -> 16"),
+                         (("--p-uncond", 0.2), "p_uncond 0.1 -> 0.2"), (("--seed", 1), "--seed 0 -> 1"),
+                         (("--betas", 0.9, 0.9), "--betas 0.99 0.99 -> 0.9 0.9")]:
+        with pytest.raises(data.UsageError, match=re.escape(named)):
+            train.train(argv(workspace, 3, 3, "--steps", 4, "--resume", *extra, run="change"))
+    with pytest.raises(data.UsageError, match=re.escape("--lr 0.001 -> 0.002; --warmup 2 -> 3")):
+        train.train(argv(workspace, 3, 3, "--steps", 4, "--resume", "--lr", 2e-3, "--warmup", 3, run="change"))
+    assert path.read_bytes() == before
+    train.train(argv(workspace, 3, 3, "--steps", 4, "--resume", "--log-every", 2, "--ckpt-every", 3, run="change"))
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["resumes"] == [{"step": 2, "changed": {"steps": [2, 4], "log_every": [1, 2], "ckpt_every": [1000, 3]}}]
+    assert torch.load(path)["meta"]["resumes"] == meta["resumes"]
+
+
+def test_resume_with_the_cache_given_by_another_path(workspace, monkeypatch):
+    """The cache is named in meta.json by its folder, so an absolute or relative --cache-dir resumes alike."""
+    train.train(argv(workspace, 3, 3, "--steps", 2, run="paths"))
+    monkeypatch.chdir(workspace)
+    args = argv(workspace, 3, 3, "--steps", 3, "--resume", run="paths")
+    args.cache_dir, args.run = "cache", "paths"
+    assert torch.load(train.train(args))["step"] == 3
+
+
+@pytest.mark.parametrize("contents, message", [
+    (b"", "cannot read checkpoint .* damaged or empty"),
+    (b"PK\x03\x04 truncated", "cannot read checkpoint .* damaged or empty"),
+    ("list", "is not a checkpoint of train.py"),
+    ("pickle", "holds objects other than weights .* refused, since reading it could run code"),
+])
+def test_damaged_checkpoint_is_named(workspace, tmp_path, contents, message):
+    path = train.train(argv(workspace, 3, 3, "--steps", 1, run=f"damaged-{tmp_path.name}")).parent / "ckpt.pt"
+    if contents == "list":
+        torch.save([1, 2], path)
+    elif contents == "pickle":
+        torch.save({"model": data.UsageError("x")}, path)  # an arbitrary class: refused by weights_only
+    else:
+        path.write_bytes(contents)
+    before = path.read_bytes()
+    with pytest.raises(data.UsageError, match=message) as e:
+        train.train(argv(workspace, 3, 3, "--steps", 2, "--resume", run=f"damaged-{tmp_path.name}"))
+    assert "weights_only=False" not in str(e.value) and path.read_bytes() == before
+
+
+def test_signal_writes_a_checkpoint_and_resume_is_exact(workspace, monkeypatch, capsys):
+    """SIGINT in step 4 (of 8): the step finishes, ckpt.pt holds 4 steps, exit code 130 with one line; resuming
+    to 8 steps equals 8 steps straight, bit for bit, and log.txt has steps 1..8 once each, in order."""
+    straight = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, run="sig-straight")))
+    original, calls = train.Diffusion.loss, []
+
+    def loss(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **kw)
+    monkeypatch.setattr(train.Diffusion, "loss", loss)
+    with pytest.raises(SystemExit) as e:
+        train.train(argv(workspace, 2, 3, "--steps", 8, run="sig"))
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "error: stopped by SIGINT after step 4; checkpoint" in capsys.readouterr().err
+    path = next((workspace / "sig").glob("*/ckpt.pt"))
+    assert torch.load(path)["step"] == 4
+    with open(path.parent / "log.txt", "a") as log:  # a line written after the checkpoint, and one cut short
+        log.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    monkeypatch.undo()
+    resumed = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, "--resume", run="sig")))
+    for part in ("model", "ema"):
+        states_equal(straight[part], resumed[part])
+    steps = [json.loads(line)["step"] for line in (path.parent / "log.txt").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_sigterm_from_outside_is_one_line(workspace):
+    args = sys_argv(argv(workspace, 3, 3, "--steps", 100000, run="term"))
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(600):  # wait for the first logged step
+        log = next((workspace / "term").glob("*/log.txt"), None)
+        if log and log.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    step = torch.load(log.parent / "ckpt.pt")["step"]
+    assert proc.returncode == 128 + signal.SIGTERM and step >= 1
+    assert err.rstrip().splitlines()[-1] == (f"error: stopped by SIGTERM after step {step}; checkpoint {log.parent / 'ckpt.pt'}; "
+                                              "continue with the same command and --resume")
+    assert "Traceback" not in err
+
+
+def test_second_writer_of_a_run_folder_or_cache_exits_with_one_line(workspace, tmp_path):
+    """A lock file per run folder and per cache being built: the second process is refused, naming the first."""
+    path = train.train(argv(workspace, 3, 3, "--steps", 1, run="locked"))
+    before = path.read_bytes()
+    with data.folder_lock(path.parent, "the run folder"):  # as another process training this level would
+        with pytest.raises(data.UsageError, match=f"run folder .* is in use by another process \\(pid {os.getpid()}\\)"):
+            train.train(argv(workspace, 3, 3, "--steps", 2, "--resume", run="locked"))
+    assert path.read_bytes() == before
+    args = H.resolve_defaults(argv(workspace, 1, 3))
+    args.cache_dir = str(tmp_path)  # a new cache
+    root = tmp_path / H.cache_name(args)
+    with data.folder_lock(root, "the latent cache"):
+        with pytest.raises(data.UsageError, match="latent cache .* is in use by another process"):
+            H.build_cache(args)
+    assert not root.exists()  # created by the lock holder, removed when it let go of it empty
+
+
+def test_temporary_files_are_per_process(tmp_path):
+    (tmp_path / "f.json.tmp").write_text("another writer's")
+    data.atomic_write(tmp_path / "f.json", lambda p: p.write_text("{}"))
+    assert (tmp_path / "f.json").read_text() == "{}" and (tmp_path / "f.json.tmp").read_text() == "another writer's"
+
+
+def test_data_draws_come_from_the_step_generator_whatever_the_world():
+    """Each item's caption (and SD-VAE posterior sample) is drawn from the step's data generator for the
+    global batch: 2 ranks see the rows 1 process sees; Python's global random is not touched."""
+    ld = H.LevelData.__new__(H.LevelData)
+    ld.levels, ld.labels, ld.vae = [H.Level(1, 1, 1)], np.arange(8), None
+    ld.feats, ld.reduce = {1: np.zeros((8, 1, 1, 1))}, {1: torch.as_tensor}
+    ld.captions = [[f"{i}-{k}" for k in range(5)] for i in range(8)]
+    idx, state = list(range(8)), random.getstate()
+    one = ld.batch(idx, train.GlobalDraw(train.data_generator(3, 7), 0, 1))[3]
+    two = [ld.batch(idx[r::2], train.GlobalDraw(train.data_generator(3, 7), r, 2))[3] for r in (0, 1)]
+    assert two[0] == one[0::2] and two[1] == one[1::2] and random.getstate() == state
+    assert one == ld.batch(idx, train.GlobalDraw(train.data_generator(3, 7), 0, 1))[3]
+    assert one != ld.batch(idx, train.GlobalDraw(train.data_generator(3, 8), 0, 1))[3]
+
+
+def test_full_disk_while_saving_names_the_file_and_keeps_the_checkpoint(workspace, monkeypatch, capsys):
+    path = train.train(argv(workspace, 3, 3, "--steps", 1, run="full"))
+    before = path.read_bytes()
+
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed\nbasic_ios::clear: iostream error")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        data.run_main(train.train, argv(workspace, 3, 3, "--steps", 2, "--resume", run="full"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: cannot write the checkpoint (") and str(path) in err[-1]
+    assert "the previous checkpoint is kept" in err[-1] and path.read_bytes() == before
