@@ -72,7 +72,7 @@ def test_embed_normalisation_and_grey(enc):
     torch.testing.assert_close(f, by_hand)
     big = F.interpolate(x, scale_factor=2, mode="nearest")  # 64 px input is resized to 32 px
     assert enc.embed(big).shape == (3, 64)
-    assert torch.equal(enc.embed(x[:1]), f[:1])  # batching does not change results
+    torch.testing.assert_close(enc.embed(x[:1]), f[:1], rtol=1e-5, atol=1e-5)  # batching changes only float rounding
     with pytest.raises(data.UsageError):
         enc.embed(torch.zeros(1, 2, 32, 32))
 
