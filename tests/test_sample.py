@@ -93,12 +93,18 @@ def test_guided_eps_uses_noisy_conditions_and_cfg(run):
     model, _ = sample.load_level(meta, "cpu")
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 900])
     conds = [torch.randn(2, *s) for s in meta["conds"]]
-    plain = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.0, 0.3, 1000, None)(x, t)
+    plain = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.0, float("inf"), 1000, None)(x, t)
     torch.testing.assert_close(plain, model(x, t, conds))
     clean_cfg = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.7, float("inf"), 1000, None)(x, t)
     torch.testing.assert_close(clean_cfg, model.forward_with_cfg(x, t, conds, w=0.7))
     noisy_cfg = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.7, 0.3, 1000, torch.Generator().manual_seed(0))(x, t)
     assert not torch.allclose(noisy_cfg, clean_cfg)
+    # Table 3's γ row without guidance: the condition noise applies whenever γ is finite, exactly as H.noise_sample
+    noisy = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.0, 0.3, 1000, torch.Generator().manual_seed(0))(x, t)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(noisy, model(x, t, [H.noise_sample(z, 0.5, t, 1000, 0.3, g) for z in conds]))
+    assert sample.condition_gamma(None, 0.0) == float("inf") and sample.condition_gamma(None, 0.8) == 0.3
+    assert sample.condition_gamma(0.5, 0.0) == 0.5
 
 
 class NearestImage(torch.nn.Module):
