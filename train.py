@@ -9,7 +9,9 @@ betas (0.99, 0.99), 5k warm-up steps, EMA 0.9999, scaled-linear β, T = 1000, ba
 (shared/paper.md §4.2).
 
 A level's run folder is named by what it generates and what it is conditioned on (with σ), so a
-depth-5 model reuses the upper levels already trained for depth 4 (§4.1, "parameter reuse").
+depth-5 model reuses the upper levels already trained for depth 4 (§4.1, "parameter reuse"). Ctrl-C or
+SIGTERM writes a checkpoint at the current step; --resume continues it bit for bit, and refuses any change
+to what defines the model or its optimisation. One process at a time trains a run folder (a lock file).
 
     python train.py --level 1 --data imagenet --data-path /datasets/imagenet
     torchrun --nproc_per_node=8 train.py --level 1 --data imagenet     # DDP, same file
@@ -384,8 +386,7 @@ def train_level(args, stop, locks):
     base = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir) \
         if target.image and hier.meta["image_space"] == "pixels" else None
     dataset = H.LevelData(hier, "train", conds + [target], base)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # the run folder exists: its lock is in it
         for name, obj in (("args.json", vars(args)), ("meta.json", meta)):
             data.atomic_write(run / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
         trim_log(run / "log.txt", start_step)
@@ -469,7 +470,9 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--run-dir", dest="run", default=None,
                    help="folder holding one sub-folder per trained level (default: runs/<data>)")
-    p.add_argument("--resume", action="store_true", help="continue the level's checkpoint where it stopped")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the level's checkpoint where it stopped (only --steps, --log-every, --ckpt-every, "
+                        "--device, --precision, --compile and folders may change)")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints")
     return p
