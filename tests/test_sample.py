@@ -181,3 +181,27 @@ def test_missing_level_names_the_train_command(run, tmp_path):
 def test_bad_input(run, extra, message):
     with pytest.raises(data.UsageError, match=message):
         sample.main(sample_args(run, *extra))
+
+
+def test_class_conditional_samples_draw_classes_evenly(run, monkeypatch):
+    """Without --class, n samples take every class n/num_classes times (ADM/DiT's FID protocol: 50 per class for
+    50,000 ImageNet samples), across batches."""
+    counts = torch.bincount(sample.even_classes(50_000, 1000), minlength=1000)
+    assert counts.min() == counts.max() == 50
+    assert torch.bincount(sample.even_classes(7, 3)).tolist() == [3, 2, 2]
+    metas = sample.find_levels(run / "runs", 3, "none")
+    monkeypatch.setattr(sample, "find_levels", lambda *a: [m | {"cond": "class", "num_classes": 3} for m in metas])
+    load = sample.load_level  # the trained levels are unconditional: load them as such, the sampler is recorded below
+    monkeypatch.setattr(sample, "load_level", lambda meta, *a: load(meta | {"num_classes": 0}, *a))
+    drawn = []
+
+    def record(levels, weights, n, args, device, generator, y=None, text=None, kept=()):
+        drawn.append(y)
+        return [torch.zeros(n, *levels[-1][2]["target"])], [0.0] * len(levels)
+    monkeypatch.setattr(sample, "sample_batch", record)
+    sample.main(sample_args(run, "--cond", "class", "--n", "7"))  # batches of 4 and 3
+    assert [len(y) for y in drawn] == [4, 3]
+    assert torch.cat(drawn).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    drawn.clear()
+    sample.main(sample_args(run, "--cond", "class", "--n", "5", "--class", "2"))
+    assert torch.cat(drawn).tolist() == [2] * 5
