@@ -97,7 +97,7 @@ def create_clip(name, pretrained=None, device="cpu"):
         try:
             return open_clip.create_model(name, pretrained=pretrained, device=device)
         except RuntimeError as e:
-            raise WeightsUnavailable(f"could not download {name} weights {pretrained!r} ({str(e).splitlines()[0]})") from e
+            raise WeightsUnavailable(f"could not download {name} weights {pretrained!r} from the model hub") from e
         finally:
             logging.disable(logging.NOTSET)
     elif not os.path.isfile(pretrained):

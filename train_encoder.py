@@ -350,8 +350,9 @@ def main(args):
     p.add_argument("--data", default="glyphs", help=f"dataset: {', '.join(data.DATASETS)}")
     p.add_argument("--data-path", default=None, help="root of imagenet (train/, val/) or coco")
     p.add_argument("--data-dir", default="data", help="where datasets are cached")
-    p.add_argument("--image-size", type=int, default=32, help="image size the dataset is read at (px); "
-                                                              "views are resampled to the encoder's input size")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="size the images are read at (px; default: 32 for glyphs and clip, else twice the ViT input, at most "
+                        "256); views are cropped from it and resampled to the encoder's input size")
     p.add_argument("--pretrained", default=None, help="--knn: weights file (or open_clip tag) to evaluate")
     p.add_argument("--out", default=None, help="--train: where to save the weights "
                                                "(default: checkpoints/glyph-clip.pt, or checkpoints/mocov3-<data>.pt)")
@@ -385,6 +386,8 @@ def main(args):
     moco.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
     args = p.parse_args(args)
     clip_run = args.objective == "clip"
+    vit_size = encoder.VITS[args.vit]["img_size"]
+    args.image_size = args.image_size or (32 if clip_run or args.data == "glyphs" else max(vit_size, min(256, 2 * vit_size)))
     args.steps = args.steps or (500 if clip_run else 2000)
     args.lr = args.lr or (5e-4 if clip_run else 1.5e-4)
     args.out = args.out or ("checkpoints/glyph-clip.pt" if clip_run else hierarchy.trained_encoder_path(args.data))
