@@ -218,7 +218,7 @@ class StepBatches(torch.utils.data.Sampler):
         self.n, self.batch_size, self.seed, self.start, self.steps = n, batch_size, seed, start, steps
 
     def __len__(self):
-        return self.steps - self.start
+        return max(0, self.steps - self.start)
 
     def __iter__(self):
         per_epoch = self.n // self.batch_size
@@ -252,15 +252,14 @@ def train_mocov3(args):
                                   "use the same flags to resume, or another --out")
     cfg = encoder.VITS[args.vit]
     torch.manual_seed(args.seed)
-    model = MoCo(cfg, args.mlp_dim, args.dim)
+    model = MoCo(cfg, args.mlp_dim, args.dim).to(device).train()
     lr = args.lr * args.batch_size / 256  # MoCo-v3's linear scaling rule
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
     start = 0
     if state is not None:
         model.load_state_dict({k[len("module."):]: v for k, v in state["state_dict"].items()})
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # after the model is on its device: the state follows the parameters
         start = state["step"]
-    model.to(device).train()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
                  for v in (encoder.IMAGENET_DEFAULT_MEAN, encoder.IMAGENET_DEFAULT_STD))
     loader = torch.utils.data.DataLoader(ds, batch_sampler=StepBatches(len(ds), args.batch_size, args.seed, start,
@@ -277,6 +276,9 @@ def train_mocov3(args):
         x = x.to(device)
         views = [preprocess(augment(x, g, size, args.crop_min), size, mean, std) for _ in range(2)]  # 2 x (B, 3, S, S)
         loss = model(*views, m, args.temperature)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. The last checkpoint is kept at "
+                             f"{args.out} (lower --lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -317,11 +319,15 @@ def make_frozen(args, weights, vit_cfg=None):
         return encoder.MoCoV3Encoder(weights)
 
 
-def knn_report(args, pretrained):
-    """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed) vs `pretrained`."""
+def knn_report(args, pretrained, after_training=False):
+    """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed) vs `pretrained`.
+    A dataset without labels is a usage error, or after training a note that the report is skipped."""
     train_ds = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir)
     test_ds = data.build_dataset(args.data, "test", args.image_size, args.data_path, args.data_dir)
     if train_ds.num_classes == 0:
+        if after_training:
+            print(f"--data {args.data} has no class labels: KNN report skipped")
+            return []
         raise data.UsageError(f"--data {args.data} has no class labels; KNN accuracy needs them (glyphs, class folders)")
     if args.knn_train:  # a quick check on evenly spaced training images
         train_ds = torch.utils.data.Subset(train_ds, evaluate.evenly_spaced(len(train_ds), min(args.knn_train, len(train_ds))))
@@ -393,7 +399,7 @@ def main(args):
     args.out = args.out or ("checkpoints/glyph-clip.pt" if clip_run else hierarchy.trained_encoder_path(args.data))
     if args.train:
         (train_clip if clip_run else train_mocov3)(args)
-        return knn_report(args, args.out)
+        return knn_report(args, args.out, after_training=True)
     if args.pretrained is None:
         raise data.UsageError("--knn needs --pretrained PATH (e.g. checkpoints/glyph-clip.pt from --train)")
     return knn_report(args, args.pretrained)

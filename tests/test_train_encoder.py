@@ -175,6 +175,9 @@ def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    stamp = (tmp_path / "resumed.pt").stat().st_mtime_ns  # resuming a finished run changes nothing
+    te.main(moco_argv(folder, tmp_path / "resumed.pt", "--steps", 4, "--resume", "--knn-train", 4))
+    assert (tmp_path / "resumed.pt").stat().st_mtime_ns == stamp
 
 
 # ---------------------------------------------------------------------------------------------------------------
