@@ -43,7 +43,7 @@ import data
 from denoiser import token_patch
 
 VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet): latents are scaled to about unit variance
-VAE_SCALES = {"coco": 0.23010}  # per-dataset exceptions (U-ViT's COCO scripts, shared/paper.md §8)
+VAE_SCALES = {"coco": 0.23010}  # per-dataset exceptions (U-ViT's COCO scripts, shared/paper.md §4.2)
 PCA_FIT_VECTORS = 200_000  # feature vectors (grid cells) used to fit each level's basis
 # σ_l per latent grid for each conditioning mode (shared/paper.md §2.5, Table 1 argmins, COCO: 0.5)
 SIGMAS = {"none": {1: 0.0, 2: 0.5, 4: 0.5, 8: 1.0},

@@ -347,15 +347,16 @@ def knn_report(args, pretrained, after_training=False):
 
 
 def main(args):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train, then report KNN accuracy against random weights")
     mode.add_argument("--knn", action="store_true", help="report KNN accuracy of --pretrained vs random weights")
     p.add_argument("--objective", choices=("mocov3", "clip"), default="mocov3",
-                   help="mocov3: self-supervised on images alone (any dataset); clip: image/caption pairs (glyphs, coco)")
-    p.add_argument("--data", default="glyphs", help=f"dataset: {', '.join(data.DATASETS)}")
+                   help="mocov3 (default): self-supervised on images alone (any dataset); clip: image/caption pairs "
+                        "(glyphs, coco)")
+    p.add_argument("--data", default="glyphs", help=f"dataset: {', '.join(data.DATASETS)} (default: glyphs)")
     p.add_argument("--data-path", default=None, help="root of imagenet (train/, val/) or coco")
-    p.add_argument("--data-dir", default="data", help="where datasets are cached")
+    p.add_argument("--data-dir", default="data", help="where datasets are cached (default: data)")
     p.add_argument("--image-size", type=int, default=None,
                    help="size the images are read at (px; default: 32 for glyphs and clip, else twice the ViT input, at most "
                         "256); views are cropped from it and resampled to the encoder's input size")
@@ -364,31 +365,34 @@ def main(args):
                                                "(default: checkpoints/glyph-clip.pt, or checkpoints/mocov3-<data>.pt)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: clip 500, about 14 min on 2 free CPU cores; mocov3 2000)")
-    p.add_argument("--batch-size", type=int, default=256, help="images (clip: pairs) per batch "
-                                                               "(MoCo-v3 used 4096; its lr scales with batch/256)")
+    p.add_argument("--batch-size", type=int, default=256, help="images (clip: pairs) per batch (default: 256; "
+                                                               "MoCo-v3 used 4096; its lr scales with batch/256)")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW peak lr (default: clip 5e-4; mocov3 1.5e-4 per 256 images, MoCo-v3's ViT value); "
                         "warm-up then cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (clip: on matrices only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation (the random-weights baseline too)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1; clip: on matrices only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the random-weights baseline "
+                                                             "and the data order (default: 0)")
     p.add_argument("--knn-train", type=int, default=0, help="KNN against this many evenly spaced training images "
                                                             "(0: all; a quick check)")
     clip = p.add_argument_group("clip")
     clip.add_argument("--clip", "--name", dest="clip", default="glyph-clip",
-                      help="open_clip model name (glyph-clip is registered by encoder.py)")
+                      help="open_clip model name (default: glyph-clip, registered by encoder.py)")
     clip.add_argument("--minutes", type=float, default=0, help="optional wall-clock cap on training in minutes (0: none); "
                                                                 "the lr decay follows whichever of steps/minutes ends first")
     moco = p.add_argument_group("mocov3")
     moco.add_argument("--vit", choices=list(encoder.VITS), default="glyph",
-                      help="ViT size (encoder.VITS): glyph = 32 px, patch 4, width 192, depth 4; B/16 = the paper's")
-    moco.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature τ (MoCo-v3 ViT: 0.2)")
-    moco.add_argument("--momentum", type=float, default=0.99, help="initial momentum m, raised to 1 by a half cosine")
-    moco.add_argument("--mlp-dim", type=int, default=4096, help="hidden width of the projection and prediction MLPs")
-    moco.add_argument("--dim", type=int, default=256, help="output width of the projection and prediction MLPs")
-    moco.add_argument("--crop-min", type=float, default=0.08, help="smallest area fraction of the random resized crop")
-    moco.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
-    moco.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    moco.add_argument("--ckpt-every", type=int, default=100, help="steps between (atomic) checkpoints")
+                      help="ViT size (encoder.VITS; default: glyph = 32 px, patch 4, width 192, depth 4; "
+                           "B/16 = the paper's)")
+    moco.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature τ (default: 0.2, MoCo-v3's for ViT)")
+    moco.add_argument("--momentum", type=float, default=0.99, help="initial momentum m (default: 0.99), raised to 1 by a half cosine")
+    moco.add_argument("--mlp-dim", type=int, default=4096, help="hidden width of the projection and prediction MLPs (default: 4096)")
+    moco.add_argument("--dim", type=int, default=256, help="output width of the projection and prediction MLPs (default: 256)")
+    moco.add_argument("--crop-min", type=float, default=0.08, help="smallest area fraction of the random resized crop "
+                                                                           "(default: 0.08, MoCo-v3's)")
+    moco.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device (default: cuda if available, else cpu)")
+    moco.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    moco.add_argument("--ckpt-every", type=int, default=100, help="steps between (atomic) checkpoints (default: 100)")
     moco.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
     args = p.parse_args(args)
     clip_run = args.objective == "clip"
