@@ -185,7 +185,8 @@ def train_encoder_command(data_name):
 
 
 def make_text_encoder(args, device=None):
-    """The frozen text tower for --cond text: --text-encoder NAME:WEIGHTS (an open_clip model), else the image encoder's."""
+    """The frozen text tower for --cond text: --text-encoder NAME:WEIGHTS (an open_clip model; WEIGHTS a tag, a file,
+    or random), else the image encoder's."""
     if args.text_encoder is None:
         if args.encoder != "clip":
             raise data.UsageError(f"--encoder {args.encoder} has no text tower; pass --text-encoder NAME:WEIGHTS "
@@ -193,7 +194,11 @@ def make_text_encoder(args, device=None):
         return make_encoder(args, device)
     from encoder import Encoder
     name, _, weights = args.text_encoder.partition(":")
-    return Encoder(name, weights or None, device or args.device)
+    if weights not in ("", "random"):
+        return Encoder(name, weights, device or args.device)
+    with torch.random.fork_rng():  # untrained (tests, ablations): the same seeded weights in training and sampling
+        torch.manual_seed(0)
+        return Encoder(name, None, device or args.device)
 
 
 def cache_name(args):

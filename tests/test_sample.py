@@ -1,5 +1,6 @@
 """Cascaded sampling: determinism, the unguided path, hierarchical resampling of a reference, outputs, bad input."""
 
+import json
 import shutil
 
 import numpy as np
@@ -205,3 +206,32 @@ def test_class_conditional_samples_draw_classes_evenly(run, monkeypatch):
     drawn.clear()
     sample.main(sample_args(run, "--cond", "class", "--n", "5", "--class", "2"))
     assert torch.cat(drawn).tolist() == [2] * 5
+
+
+def test_text_tower_other_than_the_image_encoder(tmp_path):
+    """--text-encoder NAME:WEIGHTS: training records the text tower, sampling uses the same one (U-ViT's setup:
+    CLIP ViT-L/14 text tokens with another image encoder). A tiny COCO-format dataset, tiny random towers."""
+    enc.register_model_config("tiny-text-sample", {**TINY, "text_cfg": {**TINY["text_cfg"], "context_length": 6,
+                                                                         "width": 24}})
+    root = tmp_path / "coco"
+    rng = np.random.default_rng(0)
+    for split, n in (("train2014", 8), ("val2014", 4)):
+        (root / split).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / split / f"{k}.png")
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({
+            "images": [{"id": k, "file_name": f"{k}.png"} for k in range(n)],
+            "annotations": [{"image_id": k, "caption": f"picture {k}"} for k in range(n)]}))
+    args = train.get_parser().parse_args([
+        "--data", "coco", "--data-path", str(root), "--image-size", "16", "--clip", "tiny-clip-sample",
+        "--pretrained", "random", "--text-encoder", "tiny-text-sample:random", "--min-crop", "8",
+        "--image-space", "pixels", "--cache-dir", str(tmp_path / "cache"), "--level", "1", "--depth", "1",
+        "--model", "tiny", "--batch-size", "4", "--steps", "2", "--cond", "text", "--device", "cpu",
+        "--run-dir", str(tmp_path / "runs"), "--image-patch", "4"])
+    meta = json.loads((train.train(args).parent / "meta.json").read_text())
+    assert meta["text_shape"] == [6, 24] and meta["text_encoder"] == "tiny-text-sample:random"
+    out = sample.main(sample.get_parser().parse_args([
+        "--depth", "1", "--run-dir", str(tmp_path / "runs"), "--cond", "text", "--prompt", "water", "--n", "2",
+        "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")]))
+    assert np.load(out)["arr_0"].shape == (2, 16, 16, 3)
