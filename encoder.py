@@ -226,12 +226,14 @@ MOCO_PREFIX = "module.base_encoder."                     # backbone keys in MoCo
 
 
 def sincos_pos_embed(grid, dim, temperature=10000.0):
-    """MoCo-v3's fixed 2-D sin-cos position embedding (its vits.py), with a zero entry for [CLS]: (1, 1 + grid², dim)."""
-    h, w = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                          indexing="ij")
+    """MoCo-v3's fixed 2-D sin-cos position embedding (its vits.py), with a zero entry for [CLS]: (1, 1 + grid², dim).
+    Per patch token (row-major): sin and cos of its row index, then of its column index, times dim/4 frequencies
+    (the official code calls the row index w: its meshgrid indexes 'ij')."""
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
-    out_w, out_h = w.flatten()[:, None] * omega, h.flatten()[:, None] * omega              # (grid², dim/4)
-    pos = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)                # (grid², dim)
+    r, c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega                 # (grid², dim/4)
+    pos = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)                                 # (grid², dim)
     return torch.cat([torch.zeros(1, dim), pos])[None]
 
 

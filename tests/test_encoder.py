@@ -203,11 +203,11 @@ def test_mocov3_official_arch_and_errors(tmp_path):
 
 
 def test_mocov3_sincos_position_embedding():
-    pe = encoder.sincos_pos_embed(3, 8)  # (1, 1 + 9, 8): zero for [CLS], then sin/cos of w and h per patch
+    pe = encoder.sincos_pos_embed(3, 8)  # (1, 1 + 9, 8): zero for [CLS], then sin/cos of row and column per patch
     assert pe.shape == (1, 10, 8) and torch.equal(pe[0, 0], torch.zeros(8))
-    h, w = 1, 2  # patch (row 1, column 2) is token 1 + 1*3 + 2
+    row, col = 1, 2  # patch (row 1, column 2) is token 1 + 1*3 + 2
     omega = 1 / 10000 ** (torch.arange(2) / 2)
-    expect = torch.cat([torch.sin(w * omega), torch.cos(w * omega), torch.sin(h * omega), torch.cos(h * omega)])
-    torch.testing.assert_close(pe[0, 1 + 3 * h + w], expect)
+    expect = torch.cat([torch.sin(row * omega), torch.cos(row * omega), torch.sin(col * omega), torch.cos(col * omega)])
+    torch.testing.assert_close(pe[0, 1 + 3 * row + col], expect)
     vit = encoder.build_vit(encoder.VITS["tiny"])
     assert torch.equal(vit.pos_embed, encoder.sincos_pos_embed(4, 32)) and not vit.pos_embed.requires_grad
