@@ -1,28 +1,28 @@
-"""Frozen visual encoder on patchified images: the crop operator C(x, M) and the per-level features z_l = E(C(x, M)).
+"""Frozen visual encoders on patchified images: the crop operator C(x, M) and the per-level features z_l = E(C(x, M)).
 
 Paper §3.3 (z_l = E(C(x, M)), M = 2^(L-l) in the experiments, §4.1) and shared/paper.md §2.1-2.2:
-- each of the M*M crops of size H/M is encoded separately (pooled, projected embedding: CLIP's `encode_image`);
-- when a crop would be smaller than 64 px, the backbone's patch-token map (after the final norm, projected into
-  the joint space) is average-pooled to M x M instead.
-Any open_clip model works (the paper uses CLIP ViT-B/16: `Encoder("ViT-B-16", "laion2b_s34b_b88k")`, needs internet).
-
-No pretrained CLIP can be downloaded offline, so `python encoder.py --train` trains a small CLIP ("glyph-clip",
-CLIP: Radford et al. 2021, contrastive loss `open_clip.loss.ClipLoss`) on glyph/definition pairs and reports the KNN
-radical accuracy (K = 20, the metric of paper Table 5) of its features against the same network with random weights.
+- each of the M*M crops of size H/M is encoded separately (the pooled image embedding);
+- when a crop would be smaller than 64 px, the backbone's patch-token map (after the final norm) is average-pooled to
+  M x M instead.
+Two encoders, as in the paper (§2.1 table):
+- `Encoder`: any open_clip model, the paper's COCO encoder (CLIP ViT-B/16: `Encoder("ViT-B-16", "laion2b_s34b_b88k")`,
+  needs internet); embedding = CLIP's `encode_image`, token map projected into the joint space. It has a text tower.
+- `MoCoV3Encoder`: a timm ViT loaded from a MoCo-v3 checkpoint (Chen, Xie, He 2021; the official `vit-b-300ep.pth.tar`
+  or one written by train_encoder.py), the paper's ImageNet encoder; ImageNet mean/std, embedding = the [CLS] token
+  after the final norm (768-d for ViT-B/16), token map = the patch tokens after the final norm.
+Offline, no pretrained weights can be downloaded: train_encoder.py trains either kind on local images.
 """
-import argparse
 import json
-import math
+import logging
 import os
-import sys
 import tempfile
-import time
 import warnings
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer
 
 import data
 
@@ -82,6 +82,10 @@ def preprocess(x, image_size, mean, std):
 # Frozen encoder
 # ----------------------------------------------------------------------------------------------------------------
 
+class WeightsUnavailable(data.UsageError):
+    """Pretrained weights named by a hub tag could not be downloaded (offline)."""
+
+
 def create_clip(name, pretrained=None, device="cpu"):
     """open_clip model by name; pretrained = tag (downloads), local weights file, or None (random weights)."""
     if name not in open_clip.list_models():
@@ -89,34 +93,31 @@ def create_clip(name, pretrained=None, device="cpu"):
     if pretrained is None:
         warnings.warn(f"encoder {name} has random weights (pass pretrained= a tag or a weights file)")
     elif pretrained in open_clip.list_pretrained_tags_by_model(name):
+        logging.disable(logging.ERROR)  # open_clip logs the failed download too; the error below says it in one line
         try:
             return open_clip.create_model(name, pretrained=pretrained, device=device)
         except RuntimeError as e:
-            raise data.UsageError(f"could not download {name} weights {pretrained!r} ({e}); "
-                                  "pass a local weights file instead (python encoder.py --train makes one)") from e
+            raise WeightsUnavailable(f"could not download {name} weights {pretrained!r} from the model hub") from e
+        finally:
+            logging.disable(logging.NOTSET)
     elif not os.path.isfile(pretrained):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise data.UsageError(f"weights {pretrained!r} are neither a file nor a pretrained tag of {name} (tags: {tags}); "
-                              "train them with: python encoder.py --train")
+                              "train them with: python train_encoder.py --objective clip --train")
     return open_clip.create_model(name, pretrained=pretrained, device=device)
 
 
-class Encoder(torch.nn.Module):
-    """Frozen open_clip encoder: pooled embeddings, patch-token maps and per-level crop features of images in [-1, 1]."""
+class FrozenEncoder(torch.nn.Module):
+    """Shared frozen-encoder logic: batching, the per-level crop / pooled-token features. A subclass sets
+    image_size, grid, dim, mean, std and implements _embed(x) and _embed_and_tokens(x) on preprocessed chunks."""
 
-    def __init__(self, name="ViT-B-16", pretrained=None, device="cpu", batch_size=256):
+    text_shape = None  # (context_length, width) of the text tower, for encoders that have one
+
+    def __init__(self, mean, std, device, batch_size):
         super().__init__()
-        self.model = create_clip(name, pretrained, device).requires_grad_(False).eval()
-        self.tokenizer = open_clip.get_tokenizer(name)
         self.batch_size = batch_size  # images per forward pass inside embed/token_map
-        visual = self.model.visual
-        cfg = visual.preprocess_cfg
-        self.register_buffer("mean", torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1), persistent=False)
-        self.dim = visual.output_dim  # joint embedding dim D
-        self.image_size = visual.image_size[0]
-        self.grid = visual.grid_size[0]
-        self.text_shape = tuple(self.encode_text([""]).shape[1:])  # (context_length, text width)
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode=True):
         """The encoder stays in eval mode (frozen), even inside a parent module that is put in training mode."""
@@ -130,13 +131,18 @@ class Encoder(torch.nn.Module):
 
     @torch.no_grad()
     def embed(self, x):
-        """Pooled, projected image embedding (B, D) of images (B, C, H, W) in [-1, 1] (CLIP `encode_image`)."""
-        return self._batched(self.model.encode_image, x)
+        """Pooled image embedding (B, D) of images (B, C, H, W) in [-1, 1]."""
+        return self._batched(self._embed, x)
 
     @torch.no_grad()
     def token_map(self, x):
-        """Patch tokens after the final norm, projected into the joint space: (B, D, grid, grid)."""
-        return self._embed_and_tokens(x)[1]
+        """Patch tokens after the final norm (projected into the joint space for CLIP): (B, D, grid, grid)."""
+        return self._tokens(x)[1]
+
+    def _tokens(self, x):
+        """Pooled embedding (B, D) and patch-token map (B, D, grid, grid) from one forward pass per chunk."""
+        t = self._batched(self._embed_and_tokens, x)  # (B, 1 + grid*grid, D)
+        return t[:, 0], t[:, 1:].transpose(1, 2).reshape(len(x), self.dim, self.grid, self.grid)
 
     @torch.no_grad()
     def level_features(self, x, M, min_crop=64):
@@ -152,7 +158,7 @@ class Encoder(torch.nn.Module):
         crops = [M for M in grids if M > 1 and H // M >= min_crop]
         out = {}
         if len(crops) < len(grids):
-            emb, tokens = self._embed_and_tokens(x)                      # (B, D), (B, D, grid, grid)
+            emb, tokens = self._tokens(x)                                # (B, D), (B, D, grid, grid)
             out = {M: emb[:, :, None, None] if M == 1 else F.adaptive_avg_pool2d(tokens, M)
                    for M in grids if M not in crops}
         for M in crops:
@@ -160,18 +166,33 @@ class Encoder(torch.nn.Module):
             out[M] = f.reshape(B, M, M, self.dim).permute(0, 3, 1, 2)
         return out
 
-    def _embed_and_tokens(self, x):
-        """Pooled embedding (B, D) and projected patch-token map (B, D, grid, grid) from one forward pass."""
+
+class Encoder(FrozenEncoder):
+    """Frozen open_clip encoder: pooled embeddings, patch-token maps and per-level crop features of images in [-1, 1],
+    and the text tower's token states."""
+
+    def __init__(self, name="ViT-B-16", pretrained=None, device="cpu", batch_size=256):
+        model = create_clip(name, pretrained, device).requires_grad_(False).eval()
+        cfg = model.visual.preprocess_cfg
+        super().__init__(cfg["mean"], cfg["std"], device, batch_size)
+        self.model = model
+        self.tokenizer = open_clip.get_tokenizer(name)
         visual = self.model.visual
+        self.dim = visual.output_dim  # joint embedding dim D
+        self.image_size = visual.image_size[0]
+        self.grid = visual.grid_size[0]
+        self.text_shape = tuple(self.encode_text([""]).shape[1:])  # (context_length, text width)
 
-        def both(xb):
-            out = visual.forward_intermediates(xb, indices=1, normalize_intermediates=True, intermediates_only=False,
-                                               output_fmt="NLC")
-            tokens = out["image_intermediates"][-1] @ visual.proj  # (b, grid*grid, D)
-            return torch.cat([out["image_features"][:, None], tokens], 1)  # (b, 1 + grid*grid, D)
+    def _embed(self, xb):
+        return self.model.encode_image(xb)  # (b, D)
 
-        t = self._batched(both, x)
-        return t[:, 0], t[:, 1:].transpose(1, 2).reshape(len(x), self.dim, self.grid, self.grid)
+    def _embed_and_tokens(self, xb):
+        """Pooled embedding and projected final-norm patch tokens: (b, 1 + grid*grid, D)."""
+        visual = self.model.visual
+        out = visual.forward_intermediates(xb, indices=1, normalize_intermediates=True, intermediates_only=False,
+                                           output_fmt="NLC")
+        tokens = out["image_intermediates"][-1] @ visual.proj  # (b, grid*grid, D)
+        return torch.cat([out["image_features"][:, None], tokens], 1)
 
     @torch.no_grad()
     def encode_text(self, captions):
@@ -188,144 +209,88 @@ class Encoder(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Offline CLIP training on glyph/definition pairs
+# MoCo-v3 ViT (Chen, Xie, He 2021)
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_optimizer(model, lr, weight_decay):
-    """AdamW with weight decay on matrices only (open_clip's rule: no decay on gains, biases and logit_scale)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+# timm VisionTransformer sizes. B/16 and S/16 are MoCo-v3's vit_base / vit_small (12 heads in both, as in its vits.py);
+# "glyph" is a 32 px ViT with 8x8 patch tokens (like ViT-B/16's 14x14 at 224 px) that 2 CPU cores train in minutes;
+# "tiny" is for tests.
+VITS = {
+    "B/16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "S/16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12),
+    "glyph": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3),
+    "tiny": dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+}
+MOCO_ARCHS = {"vit_base": "B/16", "vit_small": "S/16"}  # the "arch" field of official MoCo-v3 checkpoints
+MOCO_PREFIX = "module.base_encoder."                     # backbone keys in MoCo-v3 checkpoints (DDP-wrapped)
 
 
-def cosine_lr(step, progress, lr, warmup):
-    """Linear warm-up over the first `warmup` steps times a cosine decay to 0 over progress in [0, 1]."""
-    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def sincos_pos_embed(grid, dim, temperature=10000.0):
+    """MoCo-v3's fixed 2-D sin-cos position embedding (its vits.py), with a zero entry for [CLS]: (1, 1 + grid², dim).
+    Per patch token (row-major): sin and cos of its row index, then of its column index, times dim/4 frequencies
+    (the official code calls the row index w: its meshgrid indexes 'ij')."""
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
+    r, c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega                 # (grid², dim/4)
+    pos = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)                                 # (grid², dim)
+    return torch.cat([torch.zeros(1, dim), pos])[None]
 
 
-def clip_step(model, opt, loss_fn, x, tokens, mean, std):
-    """One contrastive step on a batch of images (B, C, H, W) in [-1, 1] and their caption tokens; returns the loss."""
-    model.train()
-    image_size = model.visual.image_size[0]
-    img, txt, scale = model(preprocess(x, image_size, mean, std), tokens)  # L2-normalised features, exp(logit_scale)
-    loss = loss_fn(img, txt, scale)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))  # CLIP caps the temperature at 100
-    return loss.item()
+def build_vit(cfg):
+    """A timm ViT backbone without a head (num_classes=0) with MoCo-v3's frozen sin-cos position embedding."""
+    model = VisionTransformer(num_classes=0, **cfg)
+    model.pos_embed.data.copy_(sincos_pos_embed(cfg["img_size"] // cfg["patch_size"], cfg["embed_dim"]))
+    model.pos_embed.requires_grad_(False)
+    return model
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file next to path, then rename (never leaves a half-written checkpoint)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def read_mocov3(path):
+    """(ViT config, backbone state dict) of a MoCo-v3 checkpoint: {"state_dict": {"module.base_encoder.*": ...}};
+    the projection head is dropped. The config is the file's "vit" entry (train_encoder.py writes it), else its
+    "arch" (official checkpoints: vit_small, vit_base), else ViT-B/16."""
+    if not os.path.isfile(path):
+        raise data.UsageError(f"MoCo-v3 weights {path!r} not found; pass the official vit-b-300ep.pth.tar or train "
+                              "one with: python train_encoder.py --objective mocov3 --train --data DATA")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt["state_dict"]
+    except (RuntimeError, KeyError, TypeError, OSError) as e:
+        raise data.UsageError(f"{path} is not a MoCo-v3 checkpoint ({type(e).__name__}: {e})") from e
+    backbone = {k[len(MOCO_PREFIX):]: v for k, v in state.items()
+                if k.startswith(MOCO_PREFIX) and not k.startswith(MOCO_PREFIX + "head.")}
+    if not backbone:
+        raise data.UsageError(f"{path} has no {MOCO_PREFIX}* weights; is it a MoCo-v3 checkpoint?")
+    cfg = ckpt.get("vit") or VITS[MOCO_ARCHS.get(ckpt.get("arch"), "B/16")]
+    return dict(cfg), backbone
 
 
-def train_clip(args):
-    """Train args.name on (image, caption) pairs of args.data with ClipLoss; save an open_clip checkpoint to args.out."""
-    ds = data.build_dataset(args.data, "train", args.image_size, data_dir=args.data_dir)
-    if not ds.has_captions:
-        raise data.UsageError(f"--data {args.data} has no captions; CLIP training needs captions (use glyphs or coco)")
-    torch.manual_seed(args.seed)
-    model = open_clip.create_model(args.name)
-    tokenizer = open_clip.get_tokenizer(args.name)
-    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    loss_fn = open_clip.loss.ClipLoss()
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    start, step, batches = time.time(), 0, iter(())
-    bar = tqdm(total=args.steps, desc="glyph-clip", dynamic_ncols=True)
-    while step < args.steps:
-        elapsed = time.time() - start
-        if args.minutes and elapsed > 60 * args.minutes:
-            break
-        # the decay follows whichever budget ends first, so a wall-clock cap still anneals the lr to 0
-        progress = max(step / args.steps, elapsed / (60 * args.minutes) if args.minutes else 0.0)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, progress, args.lr, warmup=max(1, args.steps // 20))
-        batch = next(batches, None)
-        if batch is None:
-            batches = iter(loader)
-            batch = next(batches)
-        x, _, captions = batch
-        loss = clip_step(model, opt, loss_fn, x, tokenizer(list(captions)), mean, std)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-    bar.close()
-    minutes = (time.time() - start) / 60
-    # {"state_dict": ...} is read by open_clip.create_model(name, pretrained=path) like a downloaded weights file
-    save_atomic({"state_dict": model.state_dict(), "args": vars(args), "step": step}, args.out)
-    print(f"trained {args.name} for {step} steps in {minutes:.1f} min; saved {args.out}")
+class MoCoV3Encoder(FrozenEncoder):
+    """Frozen MoCo-v3 ViT: [CLS] after the final norm as the embedding, final-norm patch tokens as the token map."""
 
+    def __init__(self, pretrained=None, device="cpu", batch_size=256, vit="B/16"):
+        """pretrained: a MoCo-v3 checkpoint file (its ViT config is read from it), or None: random weights of a ViT
+        of size `vit` (a VITS name or config dict)."""
+        super().__init__(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, device, batch_size)
+        if pretrained is None:
+            warnings.warn(f"MoCo-v3 encoder ViT {vit} has random weights (pass pretrained= a checkpoint file)")
+            cfg, state = VITS[vit] if isinstance(vit, str) else vit, None
+        else:
+            cfg, state = read_mocov3(pretrained)
+        self.model = build_vit(cfg)
+        if state is not None:
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as e:
+                raise data.UsageError(f"{pretrained} does not fit a ViT {cfg} ({str(e).splitlines()[0]})") from e
+        self.model.requires_grad_(False).eval().to(device)
+        self.cfg = cfg
+        self.dim = cfg["embed_dim"]
+        self.image_size = cfg["img_size"]
+        self.grid = cfg["img_size"] // cfg["patch_size"]
 
-def glyph_features(enc, ds, batch_size=1024):
-    """Embeddings (N, D) and labels (N,) of a whole dataset."""
-    feats, labels = [], []
-    for x, y, _ in tqdm(torch.utils.data.DataLoader(ds, batch_size=batch_size), desc="embed", leave=False):
-        feats.append(enc.embed(x))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    def _embed(self, xb):
+        return self.model.forward_features(xb)[:, 0]  # (b, D): [CLS] after the final norm
 
-
-def knn_report(args, pretrained):
-    """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed) vs `pretrained`."""
-    import evaluate  # imported late: only this report needs it
-
-    train_ds = data.build_dataset(args.data, "train", args.image_size, data_dir=args.data_dir)
-    test_ds = data.build_dataset(args.data, "test", args.image_size, data_dir=args.data_dir)
-    if train_ds.num_classes == 0:
-        raise data.UsageError(f"--data {args.data} has no class labels; KNN accuracy needs them (use glyphs)")
-    encoders = {}
-    for label, weights in (("trained", pretrained), ("random", None)):  # a bad weights path fails before any work
-        torch.manual_seed(args.seed)  # the random row is the trained run's initialisation
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            encoders[label] = Encoder(args.name, weights)
-    rows = []
-    for label in ("random", "trained"):
-        enc = encoders[label]
-        train_f, train_y = glyph_features(enc, train_ds)
-        test_f, test_y = glyph_features(enc, test_ds)
-        rows.append((label, *evaluate.knn_accuracy(train_f, train_y, test_f, test_y, k=20)))
-    print(f"KNN radical accuracy, K=20, {len(test_ds)} held-out {args.data} vs {len(train_ds)} train ({args.name})")
-    print(f"{'weights':<10}{'top1':>8}{'top5':>8}")
-    for label, top1, top5 in rows:
-        print(f"{label:<10}{top1:>8.4f}{top5:>8.4f}")
-    return rows
-
-
-def main(args):
-    p = argparse.ArgumentParser(description="Train the offline glyph CLIP (--train) or compare its KNN accuracy "
-                                            "with random weights (--knn).")
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--train", action="store_true", help="train a small CLIP with ClipLoss, then report KNN accuracy")
-    mode.add_argument("--knn", action="store_true", help="report KNN accuracy of --pretrained vs random weights")
-    p.add_argument("--name", default="glyph-clip", help="open_clip model name (glyph-clip is registered by this file)")
-    p.add_argument("--pretrained", default=None, help="--knn: weights file (or open_clip tag) to evaluate")
-    p.add_argument("--data", default="glyphs", help="captioned dataset (data.build_dataset name)")
-    p.add_argument("--data-dir", default="data", help="where datasets are cached")
-    p.add_argument("--image-size", type=int, default=32, help="glyph render size in px (resized to the model input)")
-    p.add_argument("--steps", type=int, default=500, help="training steps (500 take about 14 min on 2 free CPU cores)")
-    p.add_argument("--minutes", type=float, default=0, help="optional wall-clock cap on training in minutes (0: none); "
-                                                              "the lr decay follows whichever of steps/minutes ends first")
-    p.add_argument("--batch-size", type=int, default=256, help="pairs per contrastive batch")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW peak learning rate (warm-up over 5%% of --steps, cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation (the random-weights baseline too)")
-    p.add_argument("--out", default="checkpoints/glyph-clip.pt", help="--train: where to save the weights")
-    args = p.parse_args(args)
-    if args.train:
-        train_clip(args)
-        return knn_report(args, args.out)
-    if args.pretrained is None:
-        raise data.UsageError("--knn needs --pretrained PATH (e.g. checkpoints/glyph-clip.pt from --train)")
-    return knn_report(args, args.pretrained)
-
-
-if __name__ == "__main__":
-    data.run_main(main, sys.argv[1:])
+    def _embed_and_tokens(self, xb):
+        return self.model.forward_features(xb)  # (b, 1 + grid*grid, D): [CLS] and patch tokens after the final norm

@@ -17,7 +17,10 @@ sampling with guidance ẑ ~ N(z, (t/T)^γ σ² I) (the variance form of §4.2; 
 The cache holds the raw encoder features of every grid (float16, memory-mapped, one array per split
 and grid), labels and captions, and the PCA of each grid; the reduction is applied when a level is
 read, so changing channel counts never re-runs the encoder. With ``--image-space sd-vae`` the bottom
-level is the SD-VAE latent (diffusers' AutoencoderKL, scale 0.18215), its posterior moments cached too.
+level is the SD-VAE latent (diffusers' AutoencoderKL; latent scale 0.18215, 0.23010 for COCO as in U-ViT), its
+posterior moments cached too. The encoder is CLIP (``--encoder clip``, the paper's COCO choice) or MoCo-v3
+(``--encoder mocov3 --pretrained FILE``, its ImageNet choice); the text tower (``--cond text``) is the CLIP
+encoder's own unless ``--text-encoder`` names another (U-ViT used CLIP ViT-L/14's).
 
     python hierarchy.py --data glyphs --depth 5
 """
@@ -39,7 +42,8 @@ from tqdm import tqdm
 import data
 from denoiser import token_patch
 
-VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet)
+VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet): latents are scaled to about unit variance
+VAE_SCALES = {"coco": 0.23010}  # per-dataset exceptions (U-ViT's COCO scripts, shared/paper.md §4.2)
 PCA_FIT_VECTORS = 200_000  # feature vectors (grid cells) used to fit each level's basis
 # σ_l per latent grid for each conditioning mode (shared/paper.md §2.5, Table 1 argmins, COCO: 0.5)
 SIGMAS = {"none": {1: 0.0, 2: 0.5, 4: 0.5, 8: 1.0},
@@ -144,19 +148,57 @@ def load_vae(name, device="cpu"):
                               "pass --vae a local diffusers folder or a model id reachable online") from e
 
 
+def vae_scale(data_name):
+    """SD-VAE latent scale of a dataset: 0.23010 for COCO, 0.18215 otherwise (ImageNet, folders)."""
+    return VAE_SCALES.get(data_name, VAE_SCALE)
+
+
 def data_tag(name):
     """A folder-safe name for a dataset (folder:PATH becomes folder-<hash of PATH>)."""
     return name if not name.startswith("folder:") else "folder-" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
 def make_encoder(args, device=None):
-    """The frozen encoder named by --clip/--pretrained; "random" gives seeded untrained weights (ablations, tests)."""
-    from encoder import Encoder  # open_clip is imported only where an encoder is needed
+    """The frozen encoder named by --encoder/--clip/--pretrained; "random" gives seeded untrained weights (ablations,
+    tests). Offline, a hub tag that cannot be downloaded ends in one line naming the command that trains an encoder."""
+    from encoder import Encoder, MoCoV3Encoder, WeightsUnavailable  # torch-heavy model code only where needed
+    device = device or args.device
+    make = (lambda w: MoCoV3Encoder(w, device)) if args.encoder == "mocov3" else (lambda w: Encoder(args.clip, w, device))
     if args.pretrained != "random":
-        return Encoder(args.clip, args.pretrained, device or args.device)
+        try:
+            return make(args.pretrained)
+        except WeightsUnavailable as e:
+            raise data.UsageError(f"{e}; offline, train an encoder on your images with: {train_encoder_command(args.data)} "
+                                  f"and pass --encoder mocov3 --pretrained {trained_encoder_path(args.data)}") from e
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return Encoder(args.clip, None, device or args.device)
+        return make(None)
+
+
+def trained_encoder_path(data_name):
+    return f"checkpoints/mocov3-{data_tag(data_name)}.pt"
+
+
+def train_encoder_command(data_name):
+    """The command that trains a MoCo-v3 encoder on a dataset, offline (train_encoder.py)."""
+    return f"python train_encoder.py --objective mocov3 --train --data {data_name} --out {trained_encoder_path(data_name)}"
+
+
+def make_text_encoder(args, device=None):
+    """The frozen text tower for --cond text: --text-encoder NAME:WEIGHTS (an open_clip model; WEIGHTS a tag, a file,
+    or random), else the image encoder's."""
+    if args.text_encoder is None:
+        if args.encoder != "clip":
+            raise data.UsageError(f"--encoder {args.encoder} has no text tower; pass --text-encoder NAME:WEIGHTS "
+                                  "(an open_clip model, e.g. ViT-L-14:openai as in U-ViT)")
+        return make_encoder(args, device)
+    from encoder import Encoder
+    name, _, weights = args.text_encoder.partition(":")
+    if weights not in ("", "random"):
+        return Encoder(name, weights, device or args.device)
+    with torch.random.fork_rng():  # untrained (tests, ablations): the same seeded weights in training and sampling
+        torch.manual_seed(0)
+        return Encoder(name, None, device or args.device)
 
 
 def cache_name(args):
@@ -164,7 +206,8 @@ def cache_name(args):
     tag = data_tag(args.data)
     weights = Path(args.pretrained).stem if Path(args.pretrained).exists() else args.pretrained
     vae = f"-vae{hashlib.sha1(args.vae.encode()).hexdigest()[:6]}" if args.image_space == "sd-vae" else ""
-    return f"{tag}-{args.image_size}px-{args.clip}-{weights}-crop{args.min_crop}{vae}"
+    name = args.clip if args.encoder == "clip" else args.encoder
+    return f"{tag}-{args.image_size}px-{name}-{weights}-crop{args.min_crop}{vae}"
 
 
 class Hierarchy:
@@ -184,6 +227,10 @@ class Hierarchy:
                 raise data.UsageError(f"latent cache file {self.root / name} is damaged ({found}); {self.remedy}")
         self.enc_dim, self.image_shape = self.meta["enc_dim"], tuple(self.meta["image_shape"])
         self.pca = {int(m): self._read(f"pca-{m}.npz") for m in self.meta["grids"]}
+
+    @property
+    def vae_scale(self):
+        return vae_scale(self.meta["args"]["data"])
 
     @property
     def remedy(self):
@@ -280,7 +327,7 @@ def _extend_cache(root, args, meta, todo, need_vae, encoder, vae):
     meta = {"grids": sorted(set(meta.get("grids", [])) | set(todo)), "enc_dim": encoder.dim,
             "num_classes": ds.num_classes, "has_captions": ds.has_captions,
             "image_shape": image_shape, "image_space": args.image_space, "vae": bool(meta.get("vae") or need_vae),
-            "args": {k: getattr(args, k) for k in ("data", "image_size", "clip", "pretrained", "min_crop", "vae")}}
+            "args": {k: getattr(args, k) for k in ("data", "image_size", "encoder", "clip", "pretrained", "min_crop", "vae")}}
     meta["files"] = {p.name: p.stat().st_size for p in sorted(root.iterdir())
                      if p.suffix in (".npy", ".npz", ".json") and p.name != "meta.json"}
     data.atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
@@ -354,7 +401,7 @@ class LevelData(Dataset):
             return self.reduce[lv.grid](self.feats[lv.grid][idx].astype(np.float32))
         if self.vae is not None:
             mean, std = torch.from_numpy(self.vae[idx].astype(np.float32)).chunk(2, dim=1)     # (B, 4, h, w) each
-            return (mean + std * (draw.randn(std) if draw else torch.randn_like(std))) * VAE_SCALE
+            return (mean + std * (draw.randn(std) if draw else torch.randn_like(std))) * self.hier.vae_scale
         return torch.stack([self.base[i][0] for i in idx])                                      # (B, C, H, W)
 
     def batch(self, idx, draw=None):
@@ -380,7 +427,7 @@ def encode_image(hier, encoder, x, levels, min_crop, vae=None):
         if not lv.image:
             out.append(hier.reduction(lv)(feats[lv.grid].float()))
         elif vae is not None:
-            out.append(vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean * VAE_SCALE)
+            out.append(vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean * hier.vae_scale)
         else:
             out.append(x)
     return out
@@ -396,10 +443,16 @@ def add_hierarchy_args(p):
     p.add_argument("--data-path", default=None, help="root of imagenet (train/, val/) or coco (train2014/, annotations/)")
     p.add_argument("--data-dir", default="data", help="where the glyph dataset cache lives")
     p.add_argument("--image-size", type=int, default=None, help="image size in pixels (default: 32 for glyphs, else 256)")
+    p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
+                   help="frozen encoder: an open_clip model (--clip), or a MoCo-v3 ViT (--pretrained FILE: the official "
+                        "vit-b-300ep.pth.tar or train_encoder.py's output)")
     p.add_argument("--clip", default=None, help="open_clip model name (default: glyph-clip for glyphs, else ViT-B-16)")
     p.add_argument("--pretrained", default=None,
-                   help="open_clip weights: a tag (needs internet), a local file, or random "
-                        "(default: checkpoints/glyph-clip.pt for glyphs, else laion2b_s34b_b88k)")
+                   help="encoder weights: an open_clip tag (needs internet), a local file, or random (default for clip: "
+                        "checkpoints/glyph-clip.pt for glyphs, else laion2b_s34b_b88k; mocov3 needs a file)")
+    p.add_argument("--text-encoder", default=None,
+                   help="--cond text: open_clip NAME:WEIGHTS of the text tower, e.g. ViT-L-14:openai as U-ViT "
+                        "(default: the --encoder clip model's own)")
     p.add_argument("--min-crop", type=int, default=64,
                    help="smallest crop (px) encoded on its own; finer grids pool the token map (paper: 64 at 256px)")
     p.add_argument("--image-space", choices=("pixels", "sd-vae"), default=None,
@@ -422,11 +475,15 @@ def resolve_defaults(args):
     glyphs = args.data == "glyphs"
     args.image_size = args.image_size or (32 if glyphs else 256)
     args.clip = args.clip or ("glyph-clip" if glyphs else "ViT-B-16")
-    args.pretrained = args.pretrained or ("checkpoints/glyph-clip.pt" if args.clip == "glyph-clip" else "laion2b_s34b_b88k")
     args.image_space = args.image_space or ("pixels" if glyphs else "sd-vae")
-    if args.clip == "glyph-clip" and args.pretrained != "random" and not Path(args.pretrained).exists():
+    if args.encoder == "mocov3" and args.pretrained is None:
+        raise data.UsageError(f"--encoder mocov3 needs --pretrained FILE (the official vit-b-300ep.pth.tar, or train one "
+                              f"with: {train_encoder_command(args.data)})")
+    args.pretrained = args.pretrained or ("checkpoints/glyph-clip.pt" if args.clip == "glyph-clip" else "laion2b_s34b_b88k")
+    if args.encoder == "clip" and args.clip == "glyph-clip" and args.pretrained != "random" \
+            and not Path(args.pretrained).exists():
         raise data.UsageError(f"glyph CLIP weights {args.pretrained} not found; "
-                              "train them with python encoder.py --train --data glyphs")
+                              "train them with python train_encoder.py --objective clip --train --data glyphs")
     return args
 
 

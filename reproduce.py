@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 import data
-import encoder
 import evaluate
 import hierarchy as H
 import sample
 import train
+import train_encoder
 from denoiser import COND_PATHS
 
 PRESETS = {
@@ -75,7 +75,8 @@ def main(args):
 
     t = step("glyph CLIP")
     mode = ["--train", "--steps", str(cfg["clip_steps"]), "--out"] if not Path(args.clip).exists() else ["--knn", "--pretrained"]
-    knn = encoder.main(mode + [args.clip, "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir])
+    knn = train_encoder.main(["--objective", "clip"] + mode + [args.clip, "--image-size", str(IMAGE_SIZE),
+                                                               "--data-dir", args.data_dir])
     timings["clip"] = time.time() - t
 
     t = step("latent cache")

@@ -154,9 +154,15 @@ def sample_batch(levels, weights, n, args, device, generator, y=None, text=None,
     return zs, seconds
 
 
-def decode(z, meta, vae):
-    """Image level -> images in [-1, 1] (the SD-VAE decoder for VAE latents)."""
-    return z.clamp(-1, 1) if vae is None else vae.decode(z / H.VAE_SCALE).sample.clamp(-1, 1)
+def decode(z, vae, scale=H.VAE_SCALE):
+    """Image level -> images in [-1, 1] (the SD-VAE decoder for VAE latents, scaled by the dataset's latent scale)."""
+    return z.clamp(-1, 1) if vae is None else vae.decode(z / scale).sample.clamp(-1, 1)
+
+
+def even_classes(n, num_classes):
+    """Class ids of n class-conditional samples, evenly spread: n/num_classes of each (ADM and DiT's FID protocol
+    draws 50 per class for 50,000 ImageNet samples), the first n mod num_classes classes one more. (n,) int64."""
+    return torch.arange(n) % num_classes
 
 
 def load_reference(spec, meta, image_size, n):
@@ -243,33 +249,35 @@ def main(args):
     weights = cfg_weights(args.cfg, args.cond, args.depth)
     levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]
     hier = H.locate_cache(metas[0], metas[0]["dir"], args.cache_dir)
-    cache_args = argparse.Namespace(**{**hier.meta["args"], "device": args.device})
+    cache_args = argparse.Namespace(**{"encoder": "clip", **hier.meta["args"], "device": args.device,
+                                       "text_encoder": metas[0].get("text_encoder")})
     vae = H.load_vae(cache_args.vae, device) if hier.meta["image_space"] == "sd-vae" else None
-    needs_encoder = args.cond == "text" or args.reference
-    encoder = H.make_encoder(cache_args, device) if needs_encoder else None
+    encoder = H.make_encoder(cache_args, device) if args.reference else None
+    text_encoder = H.make_text_encoder(cache_args, device) if args.cond == "text" else None
     if args.reference:
         refs = load_reference(args.reference, metas[-1], cache_args.image_size, args.n)
         ref_levels = hier.levels(args.depth, metas[-1]["patch"])[:args.keep]
 
     generator = torch.Generator(device).manual_seed(args.seed)
     captions = hier.captions("test")
+    classes = even_classes(args.n, metas[0]["num_classes"]) if args.cond == "class" else None
     images, seconds = [], np.zeros(args.depth)
     for start in tqdm(range(0, args.n, args.batch), desc=f"sample depth {args.depth}", unit="batch"):
         n = min(args.batch, args.n - start)
         y = text = None
         if args.cond == "class":
             y = torch.full((n,), args.class_id, device=device) if args.class_id is not None else \
-                torch.randint(0, metas[0]["num_classes"], (n,), generator=generator, device=device)
+                classes[start:start + n].to(device)
         if args.cond == "text":
             prompts = [args.prompt] * n if args.prompt is not None else \
                 [captions[(start + i) % len(captions)][0] for i in range(n)]
-            text = encoder.encode_text(prompts)
+            text = text_encoder.encode_text(prompts)
         kept = []
         if args.reference:
             x = reference_batch(refs, start, n).to(device)  # a shared reference is encoded once, not n times
             kept = [z.expand(n, *z.shape[1:]) for z in H.encode_image(hier, encoder, x, ref_levels, cache_args.min_crop, vae)]
         zs, secs = sample_batch(levels, weights, n, args, device, generator, y, text, kept)
-        images.append(data.to_uint8(decode(zs[-1], metas[-1], vae)))
+        images.append(data.to_uint8(decode(zs[-1], vae, hier.vae_scale)))
         seconds += secs
 
     images = np.concatenate(images)                                                   # (N, H, W, C) uint8
@@ -316,7 +324,8 @@ def get_parser():
     p.add_argument("--gamma", type=float, default=None,
                    help="condition noise N(z, (t/T)^γ σ² I) at sampling, with or without guidance (inf: clean; "
                         "default: the paper's 0.3 under guidance, clean without, Table 3)")
-    p.add_argument("--class", dest="class_id", type=int, default=None, help="class id for a class-conditional model")
+    p.add_argument("--class", dest="class_id", type=int, default=None,
+                   help="class id for a class-conditional model (default: every class equally often, as for FID)")
     p.add_argument("--prompt", default=None, help="text for a text-conditional model")
     p.add_argument("--reference", default=None,
                    help="an image file or glyph:CHAR to resample (paper Fig. 1); data:NAME:SPLIT resamples --n "

@@ -358,8 +358,8 @@ def train_level(args, stop, locks):
             "image_space": hier.meta["image_space"], "data": args.data}
     encoder = None
     if args.cond == "text":  # the frozen text tower runs on the fly: captions are drawn at random each step
-        encoder = H.make_encoder(args, device)
-        meta["text_shape"] = list(encoder.text_shape)
+        encoder = H.make_text_encoder(args, device)
+        meta["text_shape"], meta["text_encoder"] = list(encoder.text_shape), args.text_encoder
 
     state = previous_state(ckpt_path, meta, args)
     if state is not None and state["step"] >= args.steps:

@@ -1,5 +1,6 @@
 """Tests for encoder.py: crop operator C(x, M) (paper §3.3), frozen encoder features per level (§2.2), weights
-round trip, usage errors, and the offline CLIP training step. Tiny random open_clip config, offline."""
+round trip, usage errors; the MoCo-v3 ViT against timm with a synthetic checkpoint in the official key format.
+Tiny random open_clip and timm configs, offline."""
 import json
 import warnings
 
@@ -7,6 +8,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 
 import data
 import encoder
@@ -73,6 +75,9 @@ def test_embed_normalisation_and_grey(enc):
     big = F.interpolate(x, scale_factor=2, mode="nearest")  # 64 px input is resized to 32 px
     assert enc.embed(big).shape == (3, 64)
     torch.testing.assert_close(enc.embed(x[:1]), f[:1], rtol=1e-5, atol=1e-5)  # batching changes only float rounding
+
+
+    torch.testing.assert_close(enc.embed(x[:1]), f[:1])  # batching does not change results (up to float order)
     with pytest.raises(data.UsageError):
         enc.embed(torch.zeros(1, 2, 32, 32))
 
@@ -118,12 +123,12 @@ def test_weights_round_trip(tmp_path, tiny_name, enc):
     loaded = make_encoder(tiny_name, str(path), seed=1)
     assert torch.equal(loaded.embed(x), enc.embed(x))  # ...and loading the file restores the features exactly
     assert torch.equal(loaded.token_map(x), enc.token_map(x))
-    encoder.save_atomic(enc.model.state_dict(), str(tmp_path / "plain.pt"))  # plain state dicts load too
+    torch.save(enc.model.state_dict(), str(tmp_path / "plain.pt"))  # plain state dicts load too
     assert torch.equal(make_encoder(tiny_name, str(tmp_path / "plain.pt")).embed(x), enc.embed(x))
 
 
 def test_usage_errors(tmp_path, tiny_name):
-    with pytest.raises(data.UsageError, match="encoder.py --train"):
+    with pytest.raises(data.UsageError, match="train_encoder.py --objective clip --train"):
         encoder.Encoder(tiny_name, str(tmp_path / "missing.pt"))
     with pytest.raises(data.UsageError, match="list_models"):
         encoder.Encoder("no-such-model")
@@ -138,27 +143,74 @@ def test_text(enc):
     torch.testing.assert_close(enc.embed_text(caps), pooled)
 
 
-def test_clip_steps_decrease_loss(tiny_name):
-    torch.manual_seed(0)
-    model = open_clip.create_model(tiny_name)
-    tokens = open_clip.get_tokenizer(tiny_name)([f"glyph number {i}" for i in range(16)])
-    x = images(16, 1, seed=2)
-    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
-    opt = encoder.make_optimizer(model, 1e-3, 0.1)
-    loss_fn = open_clip.loss.ClipLoss()
-    losses = [encoder.clip_step(model, opt, loss_fn, x, tokens, mean, std) for _ in range(4)]
-    assert losses[-1] < losses[0] - 0.1, losses
+# ---------------------------------------------------------------------------------------------------------------
+# MoCo-v3 ViT (timm) from a checkpoint in the official format
+# ---------------------------------------------------------------------------------------------------------------
+
+def mocov3_file(path, cfg, seed=3, **extra):
+    """A synthetic MoCo-v3 checkpoint: a timm ViT's weights under module.base_encoder.*, plus the projection head,
+    momentum encoder and predictor keys of the official file, which the encoder must ignore. Returns the timm model."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(num_classes=0, **cfg).eval()  # plain timm ViT: learned (random) position embedding
+    state = {f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()}
+    state["module.base_encoder.head.0.weight"] = torch.randn(64, cfg["embed_dim"])
+    state |= {f"module.momentum_encoder.{k}": torch.randn_like(v) for k, v in vit.state_dict().items()}
+    state["module.predictor.0.weight"] = torch.randn(64, 16)
+    torch.save({"state_dict": state, "epoch": 300, **extra}, path)
+    return vit
 
 
-def test_cosine_lr():
-    assert encoder.cosine_lr(0, 0.0, 1.0, warmup=10) == pytest.approx(0.1)  # warm-up
-    assert encoder.cosine_lr(9, 0.0, 1.0, warmup=10) == pytest.approx(1.0)
-    assert encoder.cosine_lr(50, 0.5, 1.0, warmup=10) == pytest.approx(0.5)  # cosine half-way
-    assert encoder.cosine_lr(99, 1.0, 1.0, warmup=10) == pytest.approx(0.0)
+@pytest.fixture(scope="module")
+def moco(tmp_path_factory):
+    path = tmp_path_factory.mktemp("moco") / "vit-tiny.pth.tar"
+    vit = mocov3_file(path, encoder.VITS["tiny"], vit=encoder.VITS["tiny"])
+    return vit, encoder.MoCoV3Encoder(str(path))
 
 
-def test_cli_errors(capsys):
-    with pytest.raises(SystemExit) as e:
-        data.run_main(encoder.main, ["--knn"])
-    assert e.value.code == 2 and "--pretrained" in capsys.readouterr().err
+def test_mocov3_features_equal_timm(moco):
+    vit, enc = moco
+    assert (enc.dim, enc.image_size, enc.grid) == (32, 32, 4) and enc.text_shape is None
+    x = images(3, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet mean/std
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = vit.forward_features(((x.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std)  # (B, 1 + 16, 32), final norm
+    torch.testing.assert_close(enc.embed(x), tokens[:, 0], rtol=0, atol=0)          # [CLS] after the final norm
+    torch.testing.assert_close(enc.token_map(x), tokens[:, 1:].transpose(1, 2).reshape(3, 32, 4, 4), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_mocov3_levels_crops_and_pooled(moco):
+    _, enc = moco
+    x = images(2, 3, size=64)
+    crops = enc.level_features(x, 2, min_crop=16)  # 32 px crops: each encoded on its own
+    for i in range(2):
+        for j in range(2):
+            torch.testing.assert_close(crops[:, :, i, j], enc.embed(x[:, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32]))
+    torch.testing.assert_close(enc.level_features(x, 4, min_crop=64), F.adaptive_avg_pool2d(enc.token_map(x), 4))
+    torch.testing.assert_close(enc.level_features(x, 1), enc.embed(x)[:, :, None, None])
+
+
+def test_mocov3_official_arch_and_errors(tmp_path):
+    mocov3_file(tmp_path / "small.pth.tar", encoder.VITS["tiny"], arch="vit_small")  # official files name their arch
+    cfg, state = encoder.read_mocov3(str(tmp_path / "small.pth.tar"))
+    assert cfg == encoder.VITS["S/16"] == dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12)
+    assert "cls_token" in state and not any(k.startswith(("head", "module")) for k in state)
+    with pytest.raises(data.UsageError, match="does not fit"):  # tiny weights, ViT-S config: one-line error
+        encoder.MoCoV3Encoder(str(tmp_path / "small.pth.tar"))
+    with pytest.raises(data.UsageError, match="train_encoder.py --objective mocov3"):
+        encoder.MoCoV3Encoder(str(tmp_path / "missing.pth.tar"))
+    torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, tmp_path / "clip.pt")
+    with pytest.raises(data.UsageError, match="module.base_encoder"):
+        encoder.MoCoV3Encoder(str(tmp_path / "clip.pt"))
+
+
+def test_mocov3_sincos_position_embedding():
+    pe = encoder.sincos_pos_embed(3, 8)  # (1, 1 + 9, 8): zero for [CLS], then sin/cos of row and column per patch
+    assert pe.shape == (1, 10, 8) and torch.equal(pe[0, 0], torch.zeros(8))
+    row, col = 1, 2  # patch (row 1, column 2) is token 1 + 1*3 + 2
+    omega = 1 / 10000 ** (torch.arange(2) / 2)
+    expect = torch.cat([torch.sin(row * omega), torch.cos(row * omega), torch.sin(col * omega), torch.cos(col * omega)])
+    torch.testing.assert_close(pe[0, 1 + 3 * row + col], expect)
+    vit = encoder.build_vit(encoder.VITS["tiny"])
+    assert torch.equal(vit.pos_embed, encoder.sincos_pos_embed(4, 32)) and not vit.pos_embed.requires_grad

@@ -1,5 +1,9 @@
 """Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level."""
 import json
+
+
+"""Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level,
+the MoCo-v3 encoder, the offline path to a trained encoder, text towers."""
 import math
 
 import numpy as np
@@ -178,7 +182,7 @@ def test_sd_vae_bottom_level(tmp_path, tiny_encoder):
 
 def test_missing_glyph_clip_is_usage_error(tmp_path):
     args = H.get_parser().parse_args(["--pretrained", str(tmp_path / "nope.pt")])
-    with pytest.raises(H.data.UsageError, match="encoder.py --train"):
+    with pytest.raises(H.data.UsageError, match="train_encoder.py --objective clip --train"):
         H.resolve_defaults(args)
 
 
@@ -220,3 +224,63 @@ def test_damaged_cache_file_is_named(tmp_path, tiny_encoder, damage, message):
     (root / name).write_bytes(b"garbage" if "garbage" in damage else content[:len(content) // 2])
     with pytest.raises(H.data.UsageError, match=message):
         H.Hierarchy(root).features("train", 1)
+
+
+def test_mocov3_cache_at_256px_with_crops(tmp_path):
+    """--encoder mocov3 --pretrained FILE: a tiny ViT in MoCo-v3's checkpoint format; 128 px crops at 256 px are each
+    encoded on their own (grid 2), the 4x4 grid pools the token map (64 px crops < --min-crop 65)."""
+    vit = enc.build_vit(enc.VITS["tiny"])
+    torch.save({"state_dict": {f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()},
+                "vit": enc.VITS["tiny"]}, tmp_path / "moco.pth.tar")
+    name = _folder(tmp_path, n=10, size=256)
+    args = _args(tmp_path, name, 4, image_size=256, encoder="mocov3", pretrained=str(tmp_path / "moco.pth.tar"),
+                 min_crop=65)
+    hier = H.build_cache(args)
+    assert "mocov3" in hier.root.name and hier.meta["enc_dim"] == 32 and hier.meta["args"]["encoder"] == "mocov3"
+    frozen = H.make_encoder(args)
+    import data
+    x = torch.stack([data.build_dataset(name, "train", 256)[i][0] for i in range(2)])
+    crops = frozen.level_features(x, 2, 65)
+    torch.testing.assert_close(crops[:, :, 1, 0], frozen.embed(x[:, :, 128:, :128]))
+    for m, want in ((1, frozen.embed(x)[:, :, None, None]), (2, crops), (4, frozen.level_features(x, 4, 65))):
+        torch.testing.assert_close(torch.from_numpy(hier.features("train", m)[:2].astype(np.float32)), want,
+                                   atol=2e-2, rtol=2e-3)
+    assert [lv.shape for lv in hier.levels(4, 8)[:-1]] == [(16, 1, 1), (8, 2, 2), (4, 4, 4)]
+
+
+def test_offline_hub_default_names_the_training_command(tmp_path, monkeypatch, capsys):
+    """The default CLIP weights are a hub tag; offline the download fails, and the error is one line naming
+    the command that trains an encoder on that dataset, and the flags that use it."""
+    def offline(*a, pretrained=None, **kw):
+        if pretrained:
+            raise RuntimeError("Failed to download weights for tag 'laion2b_s34b_b88k'\nmore detail")
+        return real(*a, **kw)
+    real = enc.open_clip.create_model
+    monkeypatch.setattr(enc.open_clip, "create_model", offline)
+    name = _folder(tmp_path)
+    args = H.get_parser().parse_args(["--data", name, "--depth", "3", "--cache-dir", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit) as e:
+        H.data.run_main(H.main, args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert f"python train_encoder.py --objective mocov3 --train --data {name} --out checkpoints/mocov3-folder-" in err
+    assert "--encoder mocov3 --pretrained checkpoints/mocov3-folder-" in err
+
+
+def test_mocov3_needs_weights_and_a_text_tower(tmp_path):
+    args = H.get_parser().parse_args(["--data", "folder:x", "--encoder", "mocov3"])
+    with pytest.raises(H.data.UsageError, match="train_encoder.py --objective mocov3 --train --data folder:x"):
+        H.resolve_defaults(args)
+    args = _args(tmp_path, "glyphs", 2, encoder="mocov3")
+    with pytest.raises(H.data.UsageError, match="--text-encoder"):
+        H.make_text_encoder(args)
+    args.text_encoder = "tiny-clip"  # NAME[:WEIGHTS]: another open_clip model's text tower (random weights here)
+    text = H.make_text_encoder(args)
+    assert text.text_shape == (16, 64) and text.encode_text(["water"]).shape == (1, 16, 64)
+
+
+def test_vae_scale_per_dataset():
+    assert H.vae_scale("coco") == 0.23010 and H.vae_scale("imagenet") == H.vae_scale("folder:x") == 0.18215
+    hier = H.Hierarchy.__new__(H.Hierarchy)
+    hier.meta = {"args": {"data": "coco"}}
+    assert hier.vae_scale == 0.23010

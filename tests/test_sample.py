@@ -267,3 +267,56 @@ def test_damaged_level_is_named(run, tmp_path, damage, message):
         (image / "ckpt.pt").write_bytes(b"")
     with pytest.raises(data.UsageError, match=message):
         sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cache-dir", str(run / "cache")))
+
+
+def test_class_conditional_samples_draw_classes_evenly(run, monkeypatch):
+    """Without --class, n samples take every class n/num_classes times (ADM/DiT's FID protocol: 50 per class for
+    50,000 ImageNet samples), across batches."""
+    counts = torch.bincount(sample.even_classes(50_000, 1000), minlength=1000)
+    assert counts.min() == counts.max() == 50
+    assert torch.bincount(sample.even_classes(7, 3)).tolist() == [3, 2, 2]
+    metas = sample.find_levels(run / "runs", 3, "none")
+    monkeypatch.setattr(sample, "find_levels", lambda *a: [m | {"cond": "class", "num_classes": 3} for m in metas])
+    load = sample.load_level  # the trained levels are unconditional: load them as such, the sampler is recorded below
+    monkeypatch.setattr(sample, "load_level", lambda meta, *a: load(meta | {"num_classes": 0}, *a))
+    drawn = []
+
+    def record(levels, weights, n, args, device, generator, y=None, text=None, kept=()):
+        drawn.append(y)
+        return [torch.zeros(n, *levels[-1][2]["target"])], [0.0] * len(levels)
+    monkeypatch.setattr(sample, "sample_batch", record)
+    sample.main(sample_args(run, "--cond", "class", "--n", "7"))  # batches of 4 and 3
+    assert [len(y) for y in drawn] == [4, 3]
+    assert torch.cat(drawn).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    drawn.clear()
+    sample.main(sample_args(run, "--cond", "class", "--n", "5", "--class", "2"))
+    assert torch.cat(drawn).tolist() == [2] * 5
+
+
+def test_text_tower_other_than_the_image_encoder(tmp_path):
+    """--text-encoder NAME:WEIGHTS: training records the text tower, sampling uses the same one (U-ViT's setup:
+    CLIP ViT-L/14 text tokens with another image encoder). A tiny COCO-format dataset, tiny random towers."""
+    enc.register_model_config("tiny-text-sample", {**TINY, "text_cfg": {**TINY["text_cfg"], "context_length": 6,
+                                                                         "width": 24}})
+    root = tmp_path / "coco"
+    rng = np.random.default_rng(0)
+    for split, n in (("train2014", 8), ("val2014", 4)):
+        (root / split).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / split / f"{k}.png")
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({
+            "images": [{"id": k, "file_name": f"{k}.png"} for k in range(n)],
+            "annotations": [{"image_id": k, "caption": f"picture {k}"} for k in range(n)]}))
+    args = train.get_parser().parse_args([
+        "--data", "coco", "--data-path", str(root), "--image-size", "16", "--clip", "tiny-clip-sample",
+        "--pretrained", "random", "--text-encoder", "tiny-text-sample:random", "--min-crop", "8",
+        "--image-space", "pixels", "--cache-dir", str(tmp_path / "cache"), "--level", "1", "--depth", "1",
+        "--model", "tiny", "--batch-size", "4", "--steps", "2", "--cond", "text", "--device", "cpu",
+        "--run-dir", str(tmp_path / "runs"), "--image-patch", "4"])
+    meta = json.loads((train.train(args).parent / "meta.json").read_text())
+    assert meta["text_shape"] == [6, 24] and meta["text_encoder"] == "tiny-text-sample:random"
+    out = sample.main(sample.get_parser().parse_args([
+        "--depth", "1", "--run-dir", str(tmp_path / "runs"), "--cond", "text", "--prompt", "water", "--n", "2",
+        "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")]))
+    assert np.load(out)["arr_0"].shape == (2, 16, 16, 3)

@@ -1,0 +1,220 @@
+"""Tests for train_encoder.py: the MoCo-v3 objective (InfoNCE against its formula, momentum update and schedule,
+augmentations), its checkpoint read by the frozen encoder, exact resume; the CLIP step and lr schedule. Tiny configs."""
+import argparse
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+import data
+import encoder
+import train_encoder as te
+
+TINY_CLIP = {"embed_dim": 64,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+TINY_MOCO = ["--vit", "tiny", "--mlp-dim", "32", "--dim", "16", "--batch-size", "8", "--image-size", "32",
+             "--device", "cpu", "--lr", "1e-3"]
+
+
+def images(B=2, C=1, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, C, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """40 images in two class folders: dark and light, with noise."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c, level in (("dark", 60), ("light", 190)):
+        (root / c).mkdir()
+        for k in range(20):
+            arr = np.clip(level + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"{k}.png")
+    return f"folder:{root}"
+
+
+def moco_argv(folder, out, *extra):
+    return ["--objective", "mocov3", "--train", "--data", folder, "--out", str(out), *TINY_MOCO, *map(str, extra)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoCo-v3 objective
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_contrastive_loss_matches_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    tau = 0.2
+    qn, kn = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)
+    by_hand = sum(-torch.log(torch.exp(qn[i] @ kn[i] / tau) / sum(torch.exp(qn[i] @ kn[j] / tau) for j in range(5)))
+                  for i in range(5)) / 5 * 2 * tau
+    torch.testing.assert_close(te.contrastive_loss(q, k, tau), by_hand)
+    q2, k2 = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    torch.testing.assert_close(te.symmetric_loss(q, q2, k, k2, tau),
+                               te.contrastive_loss(q, k2, tau) + te.contrastive_loss(q2, k, tau))
+
+
+def test_contrastive_loss_alignment():
+    """Orthonormal keys: aligned queries give 2τ log(1 + (B-1) e^(-1/τ)) (near 0), shifted ones a large loss."""
+    B, tau = 4, 0.2
+    k = torch.eye(B) * 3.0  # any scale: features are normalised
+    aligned = te.contrastive_loss(k.clone(), k, tau).item()
+    assert aligned == pytest.approx(2 * tau * np.log(1 + (B - 1) * np.exp(-1 / tau)), rel=1e-5)
+    assert aligned < 0.01
+    shifted = te.contrastive_loss(k.roll(1, 0), k, tau).item()
+    assert shifted == pytest.approx(2 * tau * (1 / tau + np.log(1 + (B - 1) * np.exp(-1 / tau))), rel=1e-5)
+
+
+def test_momentum_update_and_schedule():
+    torch.manual_seed(0)
+    model = te.MoCo(encoder.VITS["tiny"], mlp_dim=32, dim=16)
+    base, mom = model.base_encoder, model.momentum_encoder
+    for (name, pq), (_, pk) in zip(base.named_parameters(), mom.named_parameters()):
+        assert torch.equal(pq, pk), name  # the momentum encoder starts as a copy
+    assert not any(p.requires_grad for p in mom.parameters())
+    assert not base.patch_embed.proj.weight.requires_grad and not base.pos_embed.requires_grad  # MoCo-v3's frozen parts
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in mom.parameters()]
+    buffers = [b.clone() for b in mom.buffers()]
+    te.momentum_update(mom, base, 0.9)
+    for pk, old, pq in zip(mom.parameters(), before, base.parameters()):
+        torch.testing.assert_close(pk, 0.9 * old + 0.1 * pq)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, mom.buffers()))  # BN statistics untouched
+    assert te.momentum_at(0.0, 0.99) == pytest.approx(0.99)
+    assert te.momentum_at(0.5, 0.99) == pytest.approx(0.995)
+    assert te.momentum_at(1.0, 0.99) == pytest.approx(1.0)
+
+
+def test_gradients_reach_query_encoder_and_predictor_only():
+    torch.manual_seed(0)
+    model = te.MoCo(encoder.VITS["tiny"], mlp_dim=32, dim=16).train()
+    x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    model(x1, x2, 0.99, 0.2).backward()
+    assert all(p.grad is None for p in model.momentum_encoder.parameters())
+    assert model.predictor[0].weight.grad.abs().sum() > 0
+    assert model.base_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.base_encoder.patch_embed.proj.weight.grad is None
+
+
+def test_augment():
+    x = images(4, 3, size=48)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    v = te.augment(x, g(), 32)
+    assert v.shape == (4, 3, 32, 32) and v.min() >= -1 and v.max() <= 1
+    assert torch.equal(v, te.augment(x, g(), 32))                               # the generator decides everything
+    assert not torch.allclose(v, te.augment(x, torch.Generator().manual_seed(6), 32))
+    flat = torch.full((3, 1, 48, 48), 0.25)                                     # resampling keeps a flat image flat
+    torch.testing.assert_close(te.augment(flat, g(), 32, jitter=0.0), torch.full((3, 1, 32, 32), 0.25))
+    grey = te.augment(x, g(), 32, grey=1.0)                                     # grey = channel mean
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+
+
+def test_step_batches_are_epochs_and_resumable():
+    full = list(te.StepBatches(10, 3, seed=0, start=0, steps=6))
+    assert [len(b) for b in full] == [3] * 6
+    assert len(set(sum(full[:3], []))) == 9 and len(set(sum(full[3:], []))) == 9  # 3 batches per epoch, no repeat
+    assert list(te.StepBatches(10, 3, seed=0, start=4, steps=6)) == full[4:]
+    with pytest.raises(data.UsageError, match="batch-size"):
+        te.StepBatches(2, 3, 0, 0, 1)
+
+
+def test_checkpoint_round_trip_into_frozen_encoder(folder, tmp_path, capsys):
+    out = tmp_path / "moco.pt"
+    rows = te.main(moco_argv(folder, out, "--steps", 2))
+    assert [r[0] for r in rows] == ["random", "trained"] and all(0 <= r[1] <= r[2] <= 1 for r in rows)
+    assert "KNN accuracy, K=20" in capsys.readouterr().out
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["vit"] == encoder.VITS["tiny"]
+    assert any(k.startswith("module.base_encoder.head.") for k in ckpt["state_dict"])  # the official layout
+    model = te.MoCo(ckpt["vit"], mlp_dim=32, dim=16)
+    model.load_state_dict({k[len("module."):]: v for k, v in ckpt["state_dict"].items()})
+    frozen = encoder.MoCoV3Encoder(str(out))
+    x = images(3, 3)
+    with torch.no_grad():
+        by_hand = model.base_encoder.eval().forward_features(encoder.preprocess(x, 32, frozen.mean, frozen.std))[:, 0]
+    torch.testing.assert_close(frozen.embed(x), by_hand, rtol=0, atol=0)
+    torch.manual_seed(0)
+    init = te.MoCo(encoder.VITS["tiny"], mlp_dim=32, dim=16).base_encoder.eval()  # the KNN report's "random" row
+    random_row = te.make_frozen(argparse.Namespace(objective="mocov3", seed=0), None, encoder.VITS["tiny"])
+    with torch.no_grad():
+        torch.testing.assert_close(random_row.embed(x),
+                                   init.forward_features(encoder.preprocess(x, 32, frozen.mean, frozen.std))[:, 0])
+
+
+def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
+    te.main(moco_argv(folder, tmp_path / "straight.pt", "--steps", 4, "--knn-train", 4))
+    saves = []
+    real_save = te.save_atomic
+
+    def crash_after_first_save(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(te, "save_atomic", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        te.main(moco_argv(folder, tmp_path / "resumed.pt", "--steps", 4, "--ckpt-every", 2))
+    monkeypatch.setattr(te, "save_atomic", real_save)
+    assert torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 2
+    with pytest.raises(data.UsageError, match="--resume"):
+        te.main(moco_argv(folder, tmp_path / "resumed.pt", "--steps", 4))
+    with pytest.raises(data.UsageError, match="--mlp-dim"):
+        te.main(moco_argv(folder, tmp_path / "resumed.pt", "--steps", 4, "--resume", "--mlp-dim", 64))
+    te.main(moco_argv(folder, tmp_path / "resumed.pt", "--steps", 4, "--ckpt-every", 2, "--resume", "--knn-train", 4))
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    stamp = (tmp_path / "resumed.pt").stat().st_mtime_ns  # resuming a finished run changes nothing
+    te.main(moco_argv(folder, tmp_path / "resumed.pt", "--steps", 4, "--resume", "--knn-train", 4))
+    assert (tmp_path / "resumed.pt").stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP objective (the glyph CLIP)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_name(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny-te-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(path)
+    return "tiny-te-clip"
+
+
+def test_clip_steps_decrease_loss(tiny_name):
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_name)
+    tokens = open_clip.get_tokenizer(tiny_name)([f"glyph number {i}" for i in range(16)])
+    x = images(16, 1, seed=2)
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    opt = te.make_optimizer(model, 1e-3, 0.1)
+    loss_fn = open_clip.loss.ClipLoss()
+    losses = [te.clip_step(model, opt, loss_fn, x, tokens, mean, std) for _ in range(4)]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_cosine_lr():
+    assert te.cosine_lr(0, 0.0, 1.0, warmup=10) == pytest.approx(0.1)  # warm-up
+    assert te.cosine_lr(9, 0.0, 1.0, warmup=10) == pytest.approx(1.0)
+    assert te.cosine_lr(50, 0.5, 1.0, warmup=10) == pytest.approx(0.5)  # cosine half-way
+    assert te.cosine_lr(99, 1.0, 1.0, warmup=10) == pytest.approx(0.0)
+
+
+def test_cli_errors(capsys, folder):
+    with pytest.raises(SystemExit) as e:
+        data.run_main(te.main, ["--knn"])
+    assert e.value.code == 2 and "--pretrained" in capsys.readouterr().err
+    with pytest.raises(data.UsageError, match="captions"):  # a folder of images has no captions: CLIP cannot train
+        te.main(["--objective", "clip", "--train", "--data", folder, "--steps", "1"])
