@@ -28,6 +28,8 @@ import math
 import os
 import random
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,23 +293,55 @@ class LevelData(Dataset):
         return len(self.labels)
 
     def level(self, lv, idx):
-        """Level ``lv`` of the items ``idx`` (a list): (len(idx), C, M, M)."""
+        """Level ``lv`` of the items ``idx`` (a list): (len(idx), C, M, M); the SD-VAE image level as its
+        posterior moments (len(idx), 8, h, w), sampled by ``finish``."""
         if not lv.image:
             return self.reduce[lv.grid](self.feats[lv.grid][idx].astype(np.float32))
         if self.vae is not None:
-            mean, std = torch.from_numpy(self.vae[idx].astype(np.float32)).chunk(2, dim=1)     # (B, 4, h, w) each
-            return (mean + std * torch.randn_like(std)) * VAE_SCALE
+            return torch.from_numpy(self.vae[idx].astype(np.float32))
         return torch.stack([self.base[i][0] for i in idx])                                      # (B, C, H, W)
 
-    def batch(self, idx):
-        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``."""
-        zs = [self.level(lv, idx) for lv in self.levels]
+    def load(self, idx, device="cpu"):
+        """The deterministic part of a batch, on ``device``: (levels top-down, labels (B,), idx). Safe to run
+        in another thread (``prefetch``); pinned and non-blocking on CUDA."""
+        move = (lambda a: a.pin_memory().to(device, non_blocking=True)) if torch.device(device).type == "cuda" \
+            else (lambda a: a.to(device))  # noqa: E731
+        return [move(self.level(lv, idx)) for lv in self.levels], move(torch.from_numpy(self.labels[idx])), idx
+
+    def finish(self, loaded):
+        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) from ``load``'s output: the random
+        part (SD-VAE posterior sample, caption choice) drawn from the global RNGs of the calling thread."""
+        zs, y, idx = loaded
+        if self.vae is not None:
+            mean, std = zs[-1].chunk(2, dim=1)                                                  # (B, 4, h, w) each
+            zs[-1] = (mean + std * torch.randn_like(std)) * VAE_SCALE
         captions = [random.choice(self.captions[i]) for i in idx]
-        return zs[-1], zs[:-1], torch.from_numpy(self.labels[idx]), captions
+        return zs[-1], zs[:-1], y, captions
+
+    def batch(self, idx, device="cpu"):
+        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``."""
+        return self.finish(self.load(idx, device))
 
     def __getitem__(self, i):
         target, conds, y, captions = self.batch([i])
         return target[0], [c[0] for c in conds], int(y[0]), captions[0]
+
+
+def prefetch(dataset, indices, device, ahead=2):
+    """``dataset.batch(idx)`` for each ``idx`` of ``indices``, the deterministic part (cache read, reduction,
+    copy to ``device``) run ``ahead`` batches early in a background thread while the caller trains; the random
+    part runs in the caller's thread in order, so the batches and RNG streams are those of a plain loop."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    pending = deque()
+    try:
+        for idx in indices:
+            pending.append(pool.submit(dataset.load, idx, device))
+            if len(pending) > ahead:
+                yield dataset.finish(pending.popleft().result())
+        while pending:
+            yield dataset.finish(pending.popleft().result())
+    finally:  # also when the caller stops early (an exception, or a generator closed unfinished)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def encode_image(hier, encoder, x, levels, min_crop, vae=None):

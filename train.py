@@ -62,6 +62,24 @@ def level_key(target, conds, sigmas, cond, model):
     return f"{target.name}p{target.patch}-given-{given}-{cond}-{model}"
 
 
+def level_meta(args, hier, target, conds, sigmas):
+    """What a checkpoint records about its level: run key, shapes, σ, conditioning, size, schedule, cache."""
+    return {"key": level_key(target, conds, sigmas, args.cond, args.model), "level": args.level, "depth": args.depth,
+            "target": target.shape, "patch": target.patch, "target_image": target.image,
+            "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds], "sigmas": sigmas,
+            "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond,
+            "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
+            "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
+            "cache": str(hier.root), "image_space": hier.meta["image_space"], "data": args.data}
+
+
+def level_data(args, hier, target, conds):
+    """The training split of a level: the target and its conditions (the image dataset for a pixel image level)."""
+    base = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir) \
+        if target.image and hier.meta["image_space"] == "pixels" else None
+    return H.LevelData(hier, "train", conds + [target], base)
+
+
 def build_model(meta):
     """The Denoiser described by a checkpoint's ``meta`` (also used by sample.py)."""
     return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],
@@ -86,11 +104,18 @@ def ema_decay(decay, step):
     return min(decay, (1 + step) / (10 + step))
 
 
+def make_optimizer(model, args, device):
+    """AdamW with the paper's settings; fused (one kernel) on CUDA, torch's reference loop on the CPU."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
+                             fused=True if device.type == "cuda" else None)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema ← decay·ema + (1 − decay)·model for parameters; buffers copied."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    """ema ← decay·ema + (1 − decay)·model for parameters (one foreach call for all of them); buffers copied."""
+    e = list(ema.parameters())
+    torch._foreach_mul_(e, decay)
+    torch._foreach_add_(e, [p.detach() for p in model.parameters()], alpha=1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -137,11 +162,33 @@ def setup_distributed(device):
 
 def any_rank(flag, device):
     """True on every rank when ``flag`` is True on any rank (a NaN on one rank stops all of them together
-    instead of leaving the others waiting at the next all-reduce)."""
-    x = torch.tensor(float(flag), device=device)
+    instead of leaving the others waiting at the next all-reduce); elementwise for a tensor of flags."""
+    x = torch.as_tensor(flag, dtype=torch.float32).to(device)
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return bool(x.item())
+    return (x > 0).tolist()
+
+
+class NanWatch:
+    """Losses of the steps since the last check, checked together (one host-device synchronisation, one
+    all-reduce) when the loop logs or saves instead of every step: the run still stops on every rank at the
+    first non-finite loss, before any checkpoint after it is written."""
+
+    def __init__(self, rank, device, ckpt_path):
+        self.rank, self.device, self.ckpt_path, self.steps, self.losses = rank, device, ckpt_path, [], []
+
+    def add(self, step, loss):
+        self.steps.append(step)
+        self.losses.append(loss.detach())
+
+    def check(self):
+        losses = torch.stack(self.losses)                                              # (steps since the last check,)
+        bad = any_rank(~torch.isfinite(losses), self.device)
+        steps, self.steps, self.losses = self.steps, [], []
+        if any(bad):
+            k = bad.index(True)
+            raise SystemExit(f"error: loss is {losses[k].item()} on rank {self.rank} at step {steps[k]}; stopped. "
+                             f"The last good checkpoint is kept at {self.ckpt_path} (lower --lr or check the data)")
 
 
 def mean_over_ranks(x):
@@ -185,6 +232,21 @@ class GlobalDraw:
         return torch.randint(0, high, (n,), generator=self.g, device=like.device)[self.rank::self.world]
 
 
+def step_draws(args, step, rank, world, x, zs, sigmas):
+    """(t, ε, σ-noised conditions, CFG dropout) of one step, drawn for the global batch from (seed, step) alone."""
+    g = torch.Generator(x.device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
+    draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows
+    t, noise = draw.randint(args.T, x), draw.randn(x)
+    noisy = [H.noise_train(z, s, eps=draw.randn(z)) for z, s in zip(zs, sigmas)]
+    return t, noise, noisy, draw.rand(x) < args.p_uncond
+
+
+def level_loss(net, diffusion, x, t, noise, conds, y, text, drop, precision):
+    """Paper Eq. 3 for one batch (forward only): ε-MSE of the denoiser given the noisy conditions."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return diffusion.loss(lambda xt, tt: net(xt, tt, conds, y, text, drop), x, t=t, noise=noise)
+
+
 def check_args(args, hier):
     if not 1 <= args.level <= args.depth:
         raise data.UsageError(f"--level {args.level} is outside 1..{args.depth} (level 1 = image, {args.depth} = top)")
@@ -209,15 +271,10 @@ def train(args):
     hier = H.build_cache(args) if rank else hier
     check_args(args, hier)
     target, conds, sigmas = level_plan(args, hier)
-    key = level_key(target, conds, sigmas, args.cond, args.model)
+    meta = level_meta(args, hier, target, conds, sigmas)
+    key = meta["key"]
     run = Path(args.run or f"runs/{H.data_tag(args.data)}") / key
     ckpt_path = run / "ckpt.pt"
-    meta = {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
-            "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
-            "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond,
-            "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
-            "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
-            "cache": str(hier.root), "image_space": hier.meta["image_space"], "data": args.data}
     encoder = None
     if args.cond == "text":  # the frozen text tower runs on the fly: captions are drawn at random each step
         encoder = H.make_encoder(args, device)
@@ -243,7 +300,7 @@ def train(args):
     torch.manual_seed(seed)
     model = build_model(meta).to(device)
     ema = deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas))
+    opt = make_optimizer(model, args, device)
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -255,9 +312,7 @@ def train(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    base = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir) \
-        if target.image and hier.meta["image_space"] == "pixels" else None
-    dataset = H.LevelData(hier, "train", conds + [target], base)
+    dataset = level_data(args, hier, target, conds)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -267,29 +322,26 @@ def train(args):
     log = open(run / "log.txt", "a") if rank == 0 else None
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                desc=f"level {args.level}", dynamic_ncols=True)
-    tick, last_loss = time.time(), float("nan")
-    for step in bar:
-        x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step))
-        x, zs, y = x.to(device), [z.to(device) for z in zs], y.to(device)
-        g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
-        draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows
-        t, noise = draw.randint(args.T, x), draw.randn(x)
-        noisy = [H.noise_train(z, s, eps=draw.randn(z)) for z, s in zip(zs, sigmas)]
-        drop = draw.rand(x) < args.p_uncond
+    tick, last_loss, nan_watch = time.time(), float("nan"), NanWatch(rank, device, ckpt_path)
+    batches = H.prefetch(dataset, (batch_indices(len(dataset), args.batch_size, rank, world, args.seed, s)
+                                   for s in range(start_step, args.steps)), device)  # assembled while steps run
+    for step, (x, zs, y, captions) in zip(bar, batches):
+        t, noise, noisy, drop = step_draws(args, step, rank, world, x, zs, sigmas)
         text = encoder.encode_text(captions) if encoder else None
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            eps_fn = lambda xt, tt: net(xt, tt, noisy, y if meta["num_classes"] else None, text, drop)  # noqa: E731
-            loss = diffusion.loss(eps_fn, x, t=t, noise=noise)
-        if any_rank(not torch.isfinite(loss), device):
-            raise SystemExit(f"error: loss is {loss.item()} on rank {rank} at step {step}; stopped. "
-                             f"The last good checkpoint is kept at {ckpt_path} (lower --lr or check the data)")
+        loss = level_loss(net, diffusion, x, t, noise, noisy, y if meta["num_classes"] else None, text, drop,
+                          args.precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         update_ema(ema, model, ema_decay(args.ema, step))
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        nan_watch.add(step, loss)
+        log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        save_now = (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps
+        if log_now or save_now:
+            nan_watch.check()  # on every rank, before anything is logged or saved
+        if log_now:
             last_loss = mean_over_ranks(loss.detach().clone()).item()
             rate = args.log_every / (time.time() - tick)
             tick = time.time()
@@ -298,7 +350,7 @@ def train(args):
                 log.write(json.dumps({"step": step + 1, "loss": last_loss, "steps_per_s": rate,
                                       "lr": opt.param_groups[0]["lr"]}) + "\n")
                 log.flush()
-        if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
+        if rank == 0 and save_now:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                         "args": vars(args), "meta": meta, "step": step + 1, "rng": rng_state()})
     if world > 1:
