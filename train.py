@@ -19,6 +19,7 @@ import json
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 from pathlib import Path
 
@@ -118,6 +119,23 @@ def update_ema(ema, model, decay):
     torch._foreach_add_(e, [p.detach() for p in model.parameters()], alpha=1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+class BackgroundEMA:
+    """``update_ema`` run in a background thread, so that it overlaps the next step's forward and backward
+    (which only read the weights); ``wait()`` before anything writes the weights (opt.step) or reads the EMA."""
+
+    def __init__(self, ema, model):
+        self.ema, self.model, self.pool, self.pending = ema, model, ThreadPoolExecutor(1, thread_name_prefix="ema"), None
+
+    def update(self, decay):
+        self.wait()
+        self.pending = self.pool.submit(update_ema, self.ema, self.model, decay)
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
 
 
 def save_checkpoint(path, obj):
@@ -323,6 +341,7 @@ def train(args):
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                desc=f"level {args.level}", dynamic_ncols=True)
     tick, last_loss, nan_watch = time.time(), float("nan"), NanWatch(rank, device, ckpt_path)
+    ema_update = BackgroundEMA(ema, model)
     batches = H.prefetch(dataset, (batch_indices(len(dataset), args.batch_size, rank, world, args.seed, s)
                                    for s in range(start_step, args.steps)), device)  # assembled while steps run
     for step, (x, zs, y, captions) in zip(bar, batches):
@@ -334,8 +353,9 @@ def train(args):
                           args.precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        ema_update.wait()  # the previous step's EMA reads the weights that opt.step changes
         opt.step()
-        update_ema(ema, model, ema_decay(args.ema, step))
+        ema_update.update(ema_decay(args.ema, step))  # runs while the next batch goes forward and backward
         nan_watch.add(step, loss)
         log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
         save_now = (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps
@@ -351,6 +371,7 @@ def train(args):
                                       "lr": opt.param_groups[0]["lr"]}) + "\n")
                 log.flush()
         if rank == 0 and save_now:
+            ema_update.wait()
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                         "args": vars(args), "meta": meta, "step": step + 1, "rng": rng_state()})
     if world > 1:
