@@ -168,7 +168,7 @@ class Diffusion:
             abar_t = float(abar[t])
             abar_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
             eps = eps_fn(x, torch.full((shape[0],), int(t), dtype=torch.long, device=device))
-            noise = _randn(shape, generator, device) if (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
+            noise = _randn(shape, generator, device) if (sampler == "ddpm" or eta > 0) else 0.0  # no allocation
             if sampler == "dpm++":
                 x0 = _predict_x0(x, eps, abar_t, clip)
                 x, h_last = dpm_solver_step(x, x0, abar_t, abar_prev, x0_last, h_last)
