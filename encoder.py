@@ -230,10 +230,10 @@ def train_clip(args):
     if not ds.has_captions:
         raise data.UsageError(f"--data {args.data} has no captions; CLIP training needs captions (use glyphs or coco)")
     torch.manual_seed(args.seed)
-    model = open_clip.create_model(args.name)
+    model = open_clip.create_model(args.name).to(args.device)  # initialised on the CPU: the same weights on any device
     tokenizer = open_clip.get_tokenizer(args.name)
-    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=args.device).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.preprocess_cfg["std"], device=args.device).view(1, 3, 1, 1)
     opt = make_optimizer(model, args.lr, args.weight_decay)
     loss_fn = open_clip.loss.ClipLoss()
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True)
@@ -252,7 +252,7 @@ def train_clip(args):
             batches = iter(loader)
             batch = next(batches)
         x, _, captions = batch
-        loss = clip_step(model, opt, loss_fn, x, tokenizer(list(captions)), mean, std)
+        loss = clip_step(model, opt, loss_fn, x.to(args.device), tokenizer(list(captions)).to(args.device), mean, std)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
@@ -285,13 +285,13 @@ def knn_report(args, pretrained):
         torch.manual_seed(args.seed)  # the random row is the trained run's initialisation
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            encoders[label] = Encoder(args.name, weights)
+            encoders[label] = Encoder(args.name, weights, args.device)
     rows = []
     for label in ("random", "trained"):
         enc = encoders[label]
         train_f, train_y = glyph_features(enc, train_ds)
         test_f, test_y = glyph_features(enc, test_ds)
-        rows.append((label, *evaluate.knn_accuracy(train_f, train_y, test_f, test_y, k=20)))
+        rows.append((label, *evaluate.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device)))
     print(f"KNN radical accuracy, K=20, {len(test_ds)} held-out {args.data} vs {len(train_ds)} train ({args.name})")
     print(f"{'weights':<10}{'top1':>8}{'top5':>8}")
     for label, top1, top5 in rows:
@@ -318,6 +318,8 @@ def main(args):
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation (the random-weights baseline too)")
     p.add_argument("--out", default="checkpoints/glyph-clip.pt", help="--train: where to save the weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for training, embedding and the KNN search")
     args = p.parse_args(args)
     if args.train:
         train_clip(args)

@@ -380,7 +380,8 @@ def add_hierarchy_args(p):
     p.add_argument("--cache-dir", default="cache", help="where latent caches are written")
     p.add_argument("--encode-batch", type=int, default=256, help="images per batch when building the cache")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes for encoding")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the encoder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for the encoder (and, in train.py and sample.py, the denoisers)")
     p.add_argument("--seed", type=int, default=0, help="seed for the PCA fit subsample")
     return p
 

@@ -73,7 +73,8 @@ def main(args):
 
     t = step("glyph CLIP")
     mode = ["--train", "--steps", str(cfg["clip_steps"]), "--out"] if not Path(args.clip).exists() else ["--knn", "--pretrained"]
-    knn = encoder.main(mode + [args.clip, "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir])
+    knn = encoder.main(mode + [args.clip, "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+                               "--device", args.device])
     timings["clip"] = time.time() - t
 
     t = step("latent cache")
@@ -190,7 +191,8 @@ def get_parser():
     p.add_argument("--cache-dir", default="cache", help="latent caches")
     p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>)")
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of every stage (encoder training, cache, training, sampling, FID)")
     return p
 
 

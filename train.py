@@ -15,6 +15,7 @@ depth-5 model reuses the upper levels already trained for depth 4 (§4.1, "param
     torchrun --nproc_per_node=8 train.py --level 1 --data imagenet     # DDP, same file
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -261,7 +262,8 @@ def step_draws(args, step, rank, world, x, zs, sigmas):
 
 def level_loss(net, diffusion, x, t, noise, conds, y, text, drop, precision):
     """Paper Eq. 3 for one batch (forward only): ε-MSE of the denoiser given the noisy conditions."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with amp:
         return diffusion.loss(lambda xt, tt: net(xt, tt, conds, y, text, drop), x, t=t, noise=noise)
 
 
@@ -324,7 +326,7 @@ def train(args):
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         set_rng_state(state["rng"])
-    diffusion = Diffusion(meta["schedule"], args.T)
+    diffusion = Diffusion(meta["schedule"], args.T).to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(ddp) if args.compile else ddp
     if device.type == "cuda":
