@@ -190,6 +190,17 @@ class Hierarchy:
     def features(self, split, grid):
         return np.load(self.root / f"{split}-{grid}.npy", mmap_mode="r")             # (N, D, M, M) float16
 
+    def reduced_path(self, split, level):
+        return self.root / f"{split}-{level.name}.npy"                                  # (N, k, M, M) float16
+
+    def reduced(self, split, level):
+        """A level's reduced latents (SVD and scale applied when written, ``write_reduced``), memory-mapped."""
+        path = self.reduced_path(split, level)
+        if not path.exists():
+            raise data.UsageError(f"no reduced latents {path.name} in {self.root}; "
+                                  "write them with python hierarchy.py --reduced-cache --depth L")
+        return np.load(path, mmap_mode="r")
+
     def labels(self, split):
         return np.load(self.root / f"{split}-labels.npy")
 
@@ -229,6 +240,26 @@ def build_cache(args, encoder=None, vae=None):
             "args": {k: getattr(args, k) for k in ("data", "image_size", "clip", "pretrained", "min_crop", "vae")}}
     data.atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
     return Hierarchy(root)
+
+
+def write_reduced(hier, depth, chunk=4096):
+    """The reduced cache of a depth: each latent level's SVD and scale applied to the raw features, stored as
+    float16 (N, k, M, M) per split, streamed ``chunk`` images at a time; read by LevelData(reduced=True).
+    Returns bytes per image. The raw features may be deleted afterwards to save disk (re-reducing needs them)."""
+    levels = [lv for lv in hier.levels(depth, image_patch=1) if not lv.image]
+    for split in ("train", "test"):
+        for lv in levels:
+            feats, reduce, path = hier.features(split, lv.grid), hier.reduction(lv), hier.reduced_path(split, lv)
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(feats), *lv.shape))
+                for i in tqdm(range(0, len(feats), chunk), desc=f"reduce {split} {lv.name}", unit="chunk"):
+                    out[i:i + chunk] = reduce(feats[i:i + chunk].astype(np.float32)).half().numpy()
+                out.flush()
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    return sum(2 * lv.channels * lv.grid ** 2 for lv in levels)
 
 
 def _sample_vectors(feats, seed):
@@ -280,11 +311,15 @@ class LevelData(Dataset):
     so the cache and this dataset stay deterministic (but for SD-VAE posterior sampling and caption choice).
     """
 
-    def __init__(self, hier, split, levels, base=None):
+    def __init__(self, hier, split, levels, base=None, reduced=False):
         self.hier, self.levels = hier, levels
         self.labels, self.captions = hier.labels(split), hier.captions(split)
-        self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
-        self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
+        if reduced:  # latents stored already reduced (write_reduced): read, no reduction
+            self.feats = {lv.grid: hier.reduced(split, lv) for lv in levels if not lv.image}
+            self.reduce = {lv.grid: torch.from_numpy for lv in levels if not lv.image}
+        else:
+            self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
+            self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
         sd_vae_target = levels[-1].image and hier.meta["image_space"] == "sd-vae"
         self.vae = np.load(hier.root / f"{split}-vae.npy", mmap_mode="r") if sd_vae_target else None  # moments
         self.base = base  # the image dataset, when the target is the image level in pixel space
@@ -383,6 +418,9 @@ def add_hierarchy_args(p):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for the encoder (and, in train.py and sample.py, the denoisers)")
     p.add_argument("--seed", type=int, default=0, help="seed for the PCA fit subsample")
+    p.add_argument("--reduced-cache", action="store_true",
+                   help="hierarchy.py: also write each latent level of --depth reduced (SVD and scale applied, fp16); "
+                        "train.py: read the latents from it")
     return p
 
 
@@ -409,6 +447,10 @@ def main(args):
         kept = "" if lv.image else f"{hier.reduction(lv).kept:14.3f}"
         tokens = "" if lv.image else (lv.grid // lv.patch) ** 2
         print(f"{args.depth - k:>6} {lv.name:>14} {str(lv.shape):>14} {tokens:>6} {kept}")
+    if args.reduced_cache:
+        per_image = write_reduced(hier, args.depth)
+        print(f"reduced latents of depth {args.depth}: {per_image / 1e3:.2f} KB per image (raw features: "
+              f"{sum(2 * hier.enc_dim * m * m for m in hier.meta['grids'] if m < 2 ** (args.depth - 1)) / 1e3:.2f} KB)")
 
 
 def get_parser():

@@ -79,7 +79,7 @@ def level_data(args, hier, target, conds):
     """The training split of a level: the target and its conditions (the image dataset for a pixel image level)."""
     base = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir) \
         if target.image and hier.meta["image_space"] == "pixels" else None
-    return H.LevelData(hier, "train", conds + [target], base)
+    return H.LevelData(hier, "train", conds + [target], base, reduced=args.reduced_cache)
 
 
 def build_model(meta):

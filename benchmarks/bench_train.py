@@ -67,7 +67,8 @@ def train_args(args, run_dir, steps, log_every):
         "--level", str(args.level), "--depth", str(args.depth), "--model", args.model, "--batch-size", str(args.batch),
         "--device", args.device, "--precision", args.precision, "--steps", str(steps), "--log-every", str(log_every),
         "--ckpt-every", str(10 ** 9), "--run-dir", str(run_dir)]
-        + (["--image-patch", str(args.image_patch)] if args.image_patch else []) + (["--compile"] if args.compile else []))
+        + (["--image-patch", str(args.image_patch)] if args.image_patch else []) + (["--compile"] if args.compile else [])
+        + (["--reduced-cache"] if args.reduced_cache else []))
 
 
 def breakdown_and_model_only(targs, args, device):
@@ -178,6 +179,7 @@ def get_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    p.add_argument("--reduced-cache", action="store_true", help="read the reduced latents (hierarchy.py --reduced-cache)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (breakdown, model-only) and steps per log interval")
     p.add_argument("--repeats", type=int, default=3, help="pairs of (train.py run, model-only timing), back to back")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the breakdown and the model-only step")
