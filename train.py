@@ -112,12 +112,19 @@ def make_optimizer(model, args, device):
                              fused=True if device.type == "cuda" else None)
 
 
+def serial_views(module, size=16384):
+    """The parameters as flat views of at most ``size`` elements: torch runs element-wise ops on pieces below
+    its parallel grain (32768) in the calling thread, so a background thread starts no OpenMP team of its own
+    to compete with the training step's (and element-wise results do not depend on the split)."""
+    return [v for p in module.parameters() for v in p.detach().view(-1).split(size)]
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema ← decay·ema + (1 − decay)·model for parameters (one foreach call for all of them); buffers copied."""
-    e = list(ema.parameters())
+    e = serial_views(ema)
     torch._foreach_mul_(e, decay)
-    torch._foreach_add_(e, [p.detach() for p in model.parameters()], alpha=1 - decay)
+    torch._foreach_add_(e, serial_views(model), alpha=1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
