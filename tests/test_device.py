@@ -9,7 +9,6 @@ import argparse
 import contextlib
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 
