@@ -106,7 +106,7 @@ def guided_eps(eps_c, eps_u, w):
 
 
 class Diffusion:
-    """Discrete-time Gaussian diffusion with T steps; tables are float32 tensors on the CPU, indexed by t."""
+    """Discrete-time Gaussian diffusion with T steps; float32 tables indexed by t (on the CPU until .to(device))."""
 
     def __init__(self, schedule="scaled_linear", T=1000):
         betas = make_betas(schedule, T)  # (T,) float64
@@ -122,6 +122,13 @@ class Diffusion:
         self.posterior_variance = f32(betas * (1 - abar_prev) / (1 - abar))  # beta_tilde, Ho Eq. 7
         self.posterior_mean_coef1 = f32(betas * np.sqrt(abar_prev) / (1 - abar))
         self.posterior_mean_coef2 = f32((1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar))
+
+    def to(self, device):
+        """The tables on ``device`` (train.py: no host-to-device copy, so no synchronisation, per step)."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
 
     @staticmethod
     def _at(table, t, x):
@@ -162,13 +169,13 @@ class Diffusion:
             raise UsageError(f"DDIM eta must be in [0, 1], got {eta}")
         x = _randn(shape, generator, device) if x_T is None else x_T.to(device)
         ts = respaced_timesteps(self.T, steps)  # (steps,) decreasing
-        abar = self.alphas_cumprod.double().numpy()
+        abar = self.alphas_cumprod.double().cpu().numpy()
         x0_last = h_last = None  # DPM-Solver++ multistep state
         for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress)):
             abar_t = float(abar[t])
             abar_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
             eps = eps_fn(x, torch.full((shape[0],), int(t), dtype=torch.long, device=device))
-            noise = _randn(shape, generator, device) if (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
+            noise = _randn(shape, generator, device) if (sampler == "ddpm" or eta > 0) else 0.0  # no allocation
             if sampler == "dpm++":
                 x0 = _predict_x0(x, eps, abar_t, clip)
                 x, h_last = dpm_solver_step(x, x0, abar_t, abar_prev, x0_last, h_last)

@@ -294,19 +294,25 @@ def run_fid(args):
 # KNN classification of features
 # ----------------------------------------------------------------------------------------------------
 
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, temperature=0.07, chunk_size=1024):
+def _on(a, dtype, device):
+    """A tensor, numpy array or list as a tensor of ``dtype`` on ``device``."""
+    return torch.as_tensor(a if torch.is_tensor(a) else np.asarray(a), dtype=dtype).to(device)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, temperature=0.07, chunk_size=1024,
+                 device="cpu"):
     """(top-1, top-5) accuracy in [0, 1] of DINO's weighted KNN: cosine similarity to the training
     features, the k nearest each add exp(sim / T) to their class, the best-scored classes are predicted."""
-    train = F.normalize(torch.as_tensor(np.asarray(train_feats), dtype=torch.float32), dim=1)  # (N, D)
-    test = F.normalize(torch.as_tensor(np.asarray(test_feats), dtype=torch.float32), dim=1)    # (Q, D)
-    train_y = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)                       # (N,)
-    test_y = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)                         # (Q,)
+    train = F.normalize(_on(train_feats, torch.float32, device), dim=1)  # (N, D)
+    test = F.normalize(_on(test_feats, torch.float32, device), dim=1)    # (Q, D)
+    train_y = _on(train_labels, torch.long, device)                      # (N,)
+    test_y = _on(test_labels, torch.long, device)                        # (Q,)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     k, top = min(k, len(train)), min(5, num_classes)
     hits1 = hits5 = 0
     for start in range(0, len(test), chunk_size):
         sim, idx = (test[start:start + chunk_size] @ train.T).topk(k, dim=1)  # (b, k) each
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())  # (b, classes)
+        votes = torch.zeros(len(sim), num_classes, device=device).scatter_add_(1, train_y[idx], (sim / temperature).exp())  # (b, classes)
         hit = votes.topk(top, dim=1).indices == test_y[start:start + chunk_size, None]  # (b, top)
         hits1 += hit[:, 0].sum().item()
         hits5 += hit.any(dim=1).sum().item()
@@ -332,7 +338,7 @@ def run_knn(args):
     (train, train_y), (test, test_y) = read_features(args.train), read_features(args.test)
     if train.shape[1] != test.shape[1]:
         raise data.UsageError(f"train features are {train.shape[1]}-d but test features {test.shape[1]}-d")
-    top1, top5 = knn_accuracy(train, train_y, test, test_y, args.k, args.temperature)
+    top1, top5 = knn_accuracy(train, train_y, test, test_y, args.k, args.temperature, device=args.device)
     print(f"KNN k={args.k}: top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%")
     return top1, top5
 
@@ -348,7 +354,7 @@ def run_knn_levels(args):
         feats = {split: hier.reduction(level)(hier.features(split, level.grid)).flatten(1).numpy()
                  for split in ("train", "test")}
         top1, top5 = knn_accuracy(feats["train"], hier.labels("train"), feats["test"], hier.labels("test"),
-                                  args.k, args.temperature)
+                                  args.k, args.temperature, device=args.device)
         rows.append((level.name, top1, top5))
         print(f"{level.name:>14}  KNN k={args.k}: top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%")
     return rows
@@ -441,6 +447,7 @@ def get_parser():
     k.add_argument("--depth", type=int, default=5, help="with --cache: levels of this depth")
     k.add_argument("--k", type=int, default=20, help="number of neighbours (the paper's K)")
     k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T) (DINO)")
+    k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the search")
     k.set_defaults(func=lambda a: run_knn_levels(a) if a.cache else run_knn(a))
 
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",

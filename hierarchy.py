@@ -16,11 +16,12 @@ sampling with guidance ẑ ~ N(z, (t/T)^γ σ² I) (the variance form of §4.2; 
 
 The cache holds the raw encoder features of every grid (float16, memory-mapped, one array per split
 and grid), labels and captions, and the PCA of each grid; the reduction is applied when a level is
-read, so changing channel counts never re-runs the encoder. With ``--image-space sd-vae`` the bottom
-level is the SD-VAE latent (diffusers' AutoencoderKL; latent scale 0.18215, 0.23010 for COCO as in U-ViT), its
-posterior moments cached too. The encoder is CLIP (``--encoder clip``, the paper's COCO choice) or MoCo-v3
-(``--encoder mocov3 --pretrained FILE``, its ImageNet choice); the text tower (``--cond text``) is the CLIP
-encoder's own unless ``--text-encoder`` names another (U-ViT used CLIP ViT-L/14's).
+read, so changing channel counts never re-runs the encoder; ``--reduced-cache`` also stores one depth's
+levels reduced (fp16, 7.7 KB per ImageNet image at depth 5 instead of 87 KB of raw features). With
+``--image-space sd-vae`` the bottom level is the SD-VAE latent (diffusers' AutoencoderKL; latent scale 0.18215,
+0.23010 for COCO as in U-ViT), its posterior moments cached too. The encoder is CLIP (``--encoder clip``, the
+paper's COCO choice) or MoCo-v3 (``--encoder mocov3 --pretrained FILE``, its ImageNet choice); the text tower
+(``--cond text``) is the CLIP encoder's own unless ``--text-encoder`` names another (U-ViT used CLIP ViT-L/14's).
 
     python hierarchy.py --data glyphs --depth 5
 """
@@ -31,6 +32,8 @@ import math
 import os
 import time
 import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,6 +267,17 @@ class Hierarchy:
     def vae_moments(self, split):
         return self._read(f"{split}-vae.npy", mmap_mode="r")                          # (N, 8, h, w) float16
 
+    def reduced_path(self, split, level):
+        return self.root / f"{split}-{level.name}.npy"                                  # (N, k, M, M) float16
+
+    def reduced(self, split, level):
+        """A level's reduced latents (SVD and scale applied when written, ``write_reduced``), memory-mapped."""
+        path = self.reduced_path(split, level)
+        if not path.exists():
+            raise data.UsageError(f"no reduced latents {path.name} in {self.root}; "
+                                  "write them with python hierarchy.py --reduced-cache --depth L")
+        return np.load(path, mmap_mode="r")
+
     def labels(self, split):
         return self._read(f"{split}-labels.npy")
 
@@ -334,6 +348,26 @@ def _extend_cache(root, args, meta, todo, need_vae, encoder, vae):
     return Hierarchy(root)
 
 
+def write_reduced(hier, depth, chunk=4096):
+    """The reduced cache of a depth: each latent level's SVD and scale applied to the raw features, stored as
+    float16 (N, k, M, M) per split, streamed ``chunk`` images at a time; read by LevelData(reduced=True).
+    Returns bytes per image. The raw features may be deleted afterwards to save disk (re-reducing needs them)."""
+    levels = [lv for lv in hier.levels(depth, image_patch=1) if not lv.image]
+    for split in ("train", "test"):
+        for lv in levels:
+            feats, reduce, path = hier.features(split, lv.grid), hier.reduction(lv), hier.reduced_path(split, lv)
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(feats), *lv.shape))
+                for i in tqdm(range(0, len(feats), chunk), desc=f"reduce {split} {lv.name}", unit="chunk"):
+                    out[i:i + chunk] = reduce(feats[i:i + chunk].astype(np.float32)).half().numpy()
+                out.flush()
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    return sum(2 * lv.channels * lv.grid ** 2 for lv in levels)
+
+
 def _sample_vectors(feats, seed):
     """Up to PCA_FIT_VECTORS grid-cell vectors (rows of D) from (N, D, M, M) features."""
     n, d, m, _ = feats.shape
@@ -383,11 +417,15 @@ class LevelData(Dataset):
     so the cache and this dataset stay deterministic (but for SD-VAE posterior sampling and caption choice).
     """
 
-    def __init__(self, hier, split, levels, base=None):
+    def __init__(self, hier, split, levels, base=None, reduced=False):
         self.hier, self.levels = hier, levels
         self.labels, self.captions = hier.labels(split), hier.captions(split)
-        self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
-        self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
+        if reduced:  # latents stored already reduced (write_reduced): read, no reduction
+            self.feats = {lv.grid: hier.reduced(split, lv) for lv in levels if not lv.image}
+            self.reduce = {lv.grid: torch.from_numpy for lv in levels if not lv.image}
+        else:
+            self.feats = {lv.grid: hier.features(split, lv.grid) for lv in levels if not lv.image}
+            self.reduce = {lv.grid: hier.reduction(lv) for lv in levels if not lv.image}
         sd_vae_target = levels[-1].image and hier.meta["image_space"] == "sd-vae"
         self.vae = hier.vae_moments(split) if sd_vae_target else None  # moments
         self.base = base  # the image dataset, when the target is the image level in pixel space
@@ -395,28 +433,62 @@ class LevelData(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def level(self, lv, idx, draw=None):
-        """Level ``lv`` of the items ``idx`` (a list): (len(idx), C, M, M)."""
+    def level(self, lv, idx):
+        """Level ``lv`` of the items ``idx`` (a list): (len(idx), C, M, M); the SD-VAE image level as its
+        posterior moments (len(idx), 8, h, w), sampled by ``finish``."""
         if not lv.image:
             return self.reduce[lv.grid](self.feats[lv.grid][idx].astype(np.float32))
         if self.vae is not None:
-            mean, std = torch.from_numpy(self.vae[idx].astype(np.float32)).chunk(2, dim=1)     # (B, 4, h, w) each
-            return (mean + std * (draw.randn(std) if draw else torch.randn_like(std))) * self.hier.vae_scale
+            return torch.from_numpy(self.vae[idx].astype(np.float32))
         return torch.stack([self.base[i][0] for i in idx])                                      # (B, C, H, W)
 
-    def batch(self, idx, draw=None):
-        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``; the SD-VAE
+    def load(self, idx, device="cpu"):
+        """The deterministic part of a batch, on ``device``: (levels top-down, labels (B,), idx). Safe to run
+        in another thread (``prefetch``); pinned and non-blocking on CUDA."""
+        move = (lambda a: a.pin_memory().to(device, non_blocking=True)) if torch.device(device).type == "cuda" \
+            else (lambda a: a.to(device))  # noqa: E731
+        return [move(self.level(lv, idx)) for lv in self.levels], move(torch.from_numpy(self.labels[idx])), idx
+
+    def finish(self, loaded, draw=None):
+        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) from ``load``'s output: the SD-VAE
         posterior samples and the caption of each item (one of its several) come from ``draw`` (randn(like),
-        rand(like): train.py's per-step draws), or from the global RNG when None."""
-        zs = [self.level(lv, idx, draw) for lv in self.levels]
+        rand(like) on the CPU: train.py's per-step data draws), or from the global RNG when None."""
+        zs, y, idx = loaded
+        if self.vae is not None:
+            mean, std = zs[-1].chunk(2, dim=1)                                                  # (B, 4, h, w) each
+            eps = draw.randn(torch.empty(std.shape)).to(std.device) if draw else torch.randn_like(std)
+            zs[-1] = (mean + std * eps) * self.hier.vae_scale
         u = draw.rand(torch.empty(len(idx))) if draw else torch.rand(len(idx))                  # (B,) in [0, 1)
         captions = [self.captions[i][min(int(v * len(self.captions[i])), len(self.captions[i]) - 1)]
                     for i, v in zip(idx, u.tolist())]
-        return zs[-1], zs[:-1], torch.from_numpy(self.labels[idx]), captions
+        return zs[-1], zs[:-1], y, captions
+
+    def batch(self, idx, draw=None, device="cpu"):
+        """(target (B,C,M,M), [conditions top-down], labels (B,), captions) of the items ``idx``."""
+        return self.finish(self.load(idx, device), draw)
 
     def __getitem__(self, i):
         target, conds, y, captions = self.batch([i])
         return target[0], [c[0] for c in conds], int(y[0]), captions[0]
+
+
+def prefetch(dataset, items, device, ahead=2):
+    """``dataset.batch(idx, draw)`` for each ``(idx, draw)`` of ``items``, the deterministic part (cache read,
+    reduction, copy to ``device``) run ``ahead`` batches early in a background thread while the caller trains;
+    the random part runs in the caller's thread in order, so the batches are those of a plain loop."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    pending = deque()
+    try:
+        for idx, draw in items:
+            pending.append((pool.submit(dataset.load, idx, device), draw))
+            if len(pending) > ahead:
+                loaded, draw = pending.popleft()
+                yield dataset.finish(loaded.result(), draw)
+        while pending:
+            loaded, draw = pending.popleft()
+            yield dataset.finish(loaded.result(), draw)
+    finally:  # also when the caller stops early (an exception, or a generator closed unfinished)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def encode_image(hier, encoder, x, levels, min_crop, vae=None):
@@ -461,8 +533,12 @@ def add_hierarchy_args(p):
     p.add_argument("--cache-dir", default="cache", help="where latent caches are written")
     p.add_argument("--encode-batch", type=int, default=256, help="images per batch when building the cache")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes for encoding")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the encoder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for the encoder (and, in train.py and sample.py, the denoisers)")
     p.add_argument("--seed", type=int, default=0, help="seed for the PCA fit subsample")
+    p.add_argument("--reduced-cache", action="store_true",
+                   help="hierarchy.py: also write each latent level of --depth reduced (SVD and scale applied, fp16); "
+                        "train.py: read the latents from it")
     return p
 
 
@@ -498,6 +574,10 @@ def main(args):
         kept = "" if lv.image else f"{hier.reduction(lv).kept:14.3f}"
         tokens = "" if lv.image else (lv.grid // lv.patch) ** 2
         print(f"{args.depth - k:>6} {lv.name:>14} {str(lv.shape):>14} {tokens:>6} {kept}")
+    if args.reduced_cache:
+        per_image = write_reduced(hier, args.depth)
+        print(f"reduced latents of depth {args.depth}: {per_image / 1e3:.2f} KB per image (raw features: "
+              f"{sum(2 * hier.enc_dim * m * m for m in hier.meta['grids'] if m < 2 ** (args.depth - 1)) / 1e3:.2f} KB)")
 
 
 def get_parser():

@@ -76,7 +76,7 @@ def main(args):
     t = step("glyph CLIP")
     mode = ["--train", "--steps", str(cfg["clip_steps"]), "--out"] if not Path(args.clip).exists() else ["--knn", "--pretrained"]
     knn = train_encoder.main(["--objective", "clip"] + mode + [args.clip, "--image-size", str(IMAGE_SIZE),
-                                                               "--data-dir", args.data_dir])
+                                                               "--data-dir", args.data_dir, "--device", args.device])
     timings["clip"] = time.time() - t
 
     t = step("latent cache")
@@ -233,7 +233,8 @@ def get_parser():
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
     p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
                    help="how the latent levels enter each denoiser (train.py --cond-path)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of every stage (encoder training, cache, training, sampling, FID)")
     return p
 
 

@@ -17,6 +17,7 @@ to what defines the model or its optimisation. One process at a time trains a ru
     torchrun --nproc_per_node=8 train.py --level 1 --data imagenet     # DDP, same file
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from copy import deepcopy
 from pathlib import Path
@@ -67,6 +69,32 @@ def level_key(target, conds, sigmas, cond, model, cond_path="tokens"):
     return f"{target.name}p{target.patch}-given-{given}{path}-{cond}-{model}"
 
 
+def level_meta(args, hier, target, conds, sigmas):
+    """What a checkpoint records about its level: run key, shapes, σ, conditioning path, size, schedule, and
+    its cache (by name, and relative to the run folder, so the two can move together)."""
+    cond_path = args.cond_path if conds else "tokens"  # the top level has no latent condition
+    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path)
+    run = run_folder(args, key)
+    return {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
+            "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
+            "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond, "cond_path": cond_path,
+            "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
+            "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
+            "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
+            "image_space": hier.meta["image_space"], "data": args.data}
+
+
+def run_folder(args, key):
+    return Path(args.run or f"runs/{H.data_tag(args.data)}") / key
+
+
+def level_data(args, hier, target, conds):
+    """The training split of a level: the target and its conditions (the image dataset for a pixel image level)."""
+    base = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir) \
+        if target.image and hier.meta["image_space"] == "pixels" else None
+    return H.LevelData(hier, "train", conds + [target], base, reduced=args.reduced_cache)
+
+
 def schedule_for(args, hier, target):
     """β schedule: the paper's scaled-linear, except linear for pixel images (its √ᾱ_T ≈ 0.068 leaks signal)."""
     if args.schedule != "auto":
@@ -84,13 +112,44 @@ def ema_decay(decay, step):
     return min(decay, (1 + step) / (10 + step))
 
 
+def make_optimizer(model, args, device):
+    """AdamW with the paper's settings; fused (one kernel) on CUDA, torch's reference loop on the CPU."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
+                             fused=True if device.type == "cuda" else None)
+
+
+def serial_views(module, size=16384):
+    """The parameters as flat views of at most ``size`` elements: torch runs element-wise ops on pieces below
+    its parallel grain (32768) in the calling thread, so a background thread starts no OpenMP team of its own
+    to compete with the training step's (and element-wise results do not depend on the split)."""
+    return [v for p in module.parameters() for v in p.detach().view(-1).split(size)]
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema ← decay·ema + (1 − decay)·model for parameters; buffers copied."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    """ema ← decay·ema + (1 − decay)·model for parameters (one foreach call for all of them); buffers copied."""
+    e = serial_views(ema)
+    torch._foreach_mul_(e, decay)
+    torch._foreach_add_(e, serial_views(model), alpha=1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+class BackgroundEMA:
+    """``update_ema`` run in a background thread, so that it overlaps the next step's forward and backward
+    (which only read the weights); ``wait()`` before anything writes the weights (opt.step) or reads the EMA."""
+
+    def __init__(self, ema, model):
+        self.ema, self.model, self.pool, self.pending = ema, model, ThreadPoolExecutor(1, thread_name_prefix="ema"), None
+
+    def update(self, decay):
+        self.wait()
+        self.pending = self.pool.submit(update_ema, self.ema, self.model, decay)
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
 
 
 def rng_state():
@@ -122,11 +181,33 @@ def setup_distributed(device):
 
 def any_rank(flag, device):
     """True on every rank when ``flag`` is True on any rank (a NaN on one rank stops all of them together
-    instead of leaving the others waiting at the next all-reduce)."""
-    x = torch.tensor(float(flag), device=device)
+    instead of leaving the others waiting at the next all-reduce); elementwise for a tensor of flags."""
+    x = torch.as_tensor(flag, dtype=torch.float32).to(device)
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return bool(x.item())
+    return (x > 0).tolist()
+
+
+class NanWatch:
+    """Losses of the steps since the last check, checked together (one host-device synchronisation, one
+    all-reduce) when the loop logs or saves instead of every step: the run still stops on every rank at the
+    first non-finite loss, before any checkpoint after it is written."""
+
+    def __init__(self, rank, device, ckpt_path):
+        self.rank, self.device, self.ckpt_path, self.steps, self.losses = rank, device, ckpt_path, [], []
+
+    def add(self, step, loss):
+        self.steps.append(step)
+        self.losses.append(loss.detach())
+
+    def check(self):
+        losses = torch.stack(self.losses)                                              # (steps since the last check,)
+        bad = any_rank(~torch.isfinite(losses), self.device)
+        steps, self.steps, self.losses = self.steps, [], []
+        if any(bad):
+            k = bad.index(True)
+            raise SystemExit(f"error: loss is {losses[k].item()} on rank {self.rank} at step {steps[k]}; stopped. "
+                             f"The last good checkpoint is kept at {self.ckpt_path} (lower --lr or check the data)")
 
 
 def mean_over_ranks(x):
@@ -174,6 +255,22 @@ def data_generator(seed, step):
     """The generator of a step's data-side draws (SD-VAE posterior samples, one caption per image), apart
     from the one for t, ε, σ-noise and dropout, so that adding them changed no other draw."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
+
+
+def step_draws(args, step, rank, world, x, zs, sigmas):
+    """(t, ε, σ-noised conditions, CFG dropout) of one step, drawn for the global batch from (seed, step) alone."""
+    g = torch.Generator(x.device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
+    draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows
+    t, noise = draw.randint(args.T, x), draw.randn(x)
+    noisy = [H.noise_train(z, s, eps=draw.randn(z)) for z, s in zip(zs, sigmas)]
+    return t, noise, noisy, draw.rand(x) < args.p_uncond
+
+
+def level_loss(net, diffusion, x, t, noise, conds, y, text, drop, precision):
+    """Paper Eq. 3 for one batch (forward only): ε-MSE of the denoiser given the noisy conditions."""
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with amp:
+        return diffusion.loss(lambda xt, tt: net(xt, tt, conds, y, text, drop), x, t=t, noise=noise)
 
 
 def check_flags(args):
@@ -343,19 +440,12 @@ def train_level(args, stop, locks):
     hier = H.build_cache(args) if rank else hier
     check_args(args, hier)
     target, conds, sigmas = level_plan(args, hier)
-    cond_path = args.cond_path if conds else "tokens"  # the top level has no latent condition
-    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path)
-    run = Path(args.run or f"runs/{H.data_tag(args.data)}") / key
+    meta = level_meta(args, hier, target, conds, sigmas)
+    key = meta["key"]
+    run = run_folder(args, key)
     ckpt_path = run / "ckpt.pt"
     if rank == 0:  # one writer per run folder
         locks.enter_context(data.folder_lock(run, "the run folder"))
-    meta = {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
-            "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
-            "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond, "cond_path": cond_path,
-            "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
-            "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
-            "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
-            "image_space": hier.meta["image_space"], "data": args.data}
     encoder = None
     if args.cond == "text":  # the frozen text tower runs on the fly: captions are drawn at random each step
         encoder = H.make_text_encoder(args, device)
@@ -371,21 +461,19 @@ def train_level(args, stop, locks):
     torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever their number
     model = build_model(meta).to(device)
     ema = deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas))
+    opt = make_optimizer(model, args, device)
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         set_rng_state(state["rng"])
-    diffusion = Diffusion(meta["schedule"], args.T)
+    diffusion = Diffusion(meta["schedule"], args.T).to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(ddp) if args.compile else ddp
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    base = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir) \
-        if target.image and hier.meta["image_space"] == "pixels" else None
-    dataset = H.LevelData(hier, "train", conds + [target], base)
+    dataset = level_data(args, hier, target, conds)
     if rank == 0:  # the run folder exists: its lock is in it
         for name, obj in (("args.json", vars(args)), ("meta.json", meta)):
             data.atomic_write(run / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
@@ -395,31 +483,30 @@ def train_level(args, stop, locks):
     log = open(run / "log.txt", "a") if rank == 0 else None
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                desc=f"level {args.level}", dynamic_ncols=True)
-    tick, last_loss = time.time(), float("nan")
+    tick, last_loss, nan_watch = time.time(), float("nan"), NanWatch(rank, device, ckpt_path)
+    ema_update = BackgroundEMA(ema, model)
+    batches = H.prefetch(dataset, ((batch_indices(len(dataset), args.batch_size, rank, world, args.seed, s),
+                                    GlobalDraw(data_generator(args.seed, s), rank, world))
+                                   for s in range(start_step, args.steps)), device)  # assembled while steps run
     stop.armed = True  # from here a signal stops training after the current step, with a checkpoint
-    for step in bar:
-        x, zs, y, captions = dataset.batch(batch_indices(len(dataset), args.batch_size, rank, world, args.seed, step),
-                                           GlobalDraw(data_generator(args.seed, step), rank, world))
-        x, zs, y = x.to(device), [z.to(device) for z in zs], y.to(device)
-        g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
-        draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows
-        t, noise = draw.randint(args.T, x), draw.randn(x)
-        noisy = [H.noise_train(z, s, eps=draw.randn(z)) for z, s in zip(zs, sigmas)]
-        drop = draw.rand(x) < args.p_uncond
+    for step, (x, zs, y, captions) in zip(bar, batches):
+        t, noise, noisy, drop = step_draws(args, step, rank, world, x, zs, sigmas)
         text = encoder.encode_text(captions) if encoder else None
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            eps_fn = lambda xt, tt: net(xt, tt, noisy, y if meta["num_classes"] else None, text, drop)  # noqa: E731
-            loss = diffusion.loss(eps_fn, x, t=t, noise=noise)
-        if any_rank(not torch.isfinite(loss), device):
-            raise SystemExit(f"error: loss is {loss.item()} on rank {rank} at step {step}; stopped. "
-                             f"The last good checkpoint is kept at {ckpt_path} (lower --lr or check the data)")
+        loss = level_loss(net, diffusion, x, t, noise, noisy, y if meta["num_classes"] else None, text, drop,
+                          args.precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        ema_update.wait()  # the previous step's EMA reads the weights that opt.step changes
         opt.step()
-        update_ema(ema, model, ema_decay(args.ema, step))
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        ema_update.update(ema_decay(args.ema, step))  # runs while the next batch goes forward and backward
+        nan_watch.add(step, loss)
+        log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        save_now = (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps
+        if log_now or save_now:
+            nan_watch.check()  # on every rank, before anything is logged or saved
+        if log_now:
             last_loss = mean_over_ranks(loss.detach().clone()).item()
             rate = args.log_every / (time.time() - tick)
             tick = time.time()
@@ -428,10 +515,15 @@ def train_level(args, stop, locks):
                 log.write(json.dumps({"step": step + 1, "loss": last_loss, "steps_per_s": rate,
                                       "lr": opt.param_groups[0]["lr"]}) + "\n")
                 log.flush()
-        if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
-            save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1))
-        if step + 1 < args.steps and stop.agreed(device, world, (step + 1) % args.log_every == 0):
-            stop.finish(rank, world, ckpt_path, snapshot(model, ema, opt, args, meta, step + 1), bar, log)
+        stopping = step + 1 < args.steps and stop.agreed(device, world, log_now)
+        if save_now or stopping:
+            ema_update.wait()  # the checkpoint holds this step's EMA
+            if not (log_now or save_now):
+                nan_watch.check()  # never checkpoint a non-finite model
+            if rank == 0 and save_now:
+                save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1))
+            if stopping:
+                stop.finish(rank, world, ckpt_path, snapshot(model, ema, opt, args, meta, step + 1), bar, log)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -82,10 +82,10 @@ def train_clip(args):
     if not ds.has_captions:
         raise data.UsageError(f"--data {args.data} has no captions; CLIP training needs captions (use glyphs or coco)")
     torch.manual_seed(args.seed)
-    model = open_clip.create_model(args.clip)
+    model = open_clip.create_model(args.clip).to(args.device)  # initialised on the CPU: the same weights on any device
     tokenizer = open_clip.get_tokenizer(args.clip)
-    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=args.device).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.preprocess_cfg["std"], device=args.device).view(1, 3, 1, 1)
     opt = make_optimizer(model, args.lr, args.weight_decay)
     loss_fn = open_clip.loss.ClipLoss()
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True)
@@ -104,7 +104,7 @@ def train_clip(args):
             batches = iter(loader)
             batch = next(batches)
         x, _, captions = batch
-        loss = clip_step(model, opt, loss_fn, x, tokenizer(list(captions)), mean, std)
+        loss = clip_step(model, opt, loss_fn, x.to(args.device), tokenizer(list(captions)).to(args.device), mean, std)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
@@ -313,10 +313,10 @@ def make_frozen(args, weights, vit_cfg=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.objective == "clip":
-            return encoder.Encoder(args.clip, weights)
+            return encoder.Encoder(args.clip, weights, args.device)
         if weights is None:
-            return encoder.MoCoV3Encoder(None, vit=vit_cfg)
-        return encoder.MoCoV3Encoder(weights)
+            return encoder.MoCoV3Encoder(None, args.device, vit=vit_cfg)
+        return encoder.MoCoV3Encoder(weights, args.device)
 
 
 def knn_report(args, pretrained, after_training=False):
@@ -337,7 +337,7 @@ def knn_report(args, pretrained, after_training=False):
     for label in ("random", "trained"):
         train_f, train_y = dataset_features(encoders[label], train_ds)
         test_f, test_y = dataset_features(encoders[label], test_ds)
-        rows.append((label, *evaluate.knn_accuracy(train_f, train_y, test_f, test_y, k=20)))
+        rows.append((label, *evaluate.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device)))
     name = args.clip if args.objective == "clip" else f"MoCo-v3 ViT {trained.cfg}"
     print(f"KNN accuracy, K=20, {len(test_ds)} held-out {args.data} vs {len(train_ds)} train ({name})")
     print(f"{'weights':<10}{'top1':>8}{'top5':>8}")
@@ -390,7 +390,8 @@ def main(args):
     moco.add_argument("--dim", type=int, default=256, help="output width of the projection and prediction MLPs (default: 256)")
     moco.add_argument("--crop-min", type=float, default=0.08, help="smallest area fraction of the random resized crop "
                                                                            "(default: 0.08, MoCo-v3's)")
-    moco.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device (default: cuda if available, else cpu)")
+    moco.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="device for training (both objectives), embedding and the KNN search (default: cuda if available)")
     moco.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     moco.add_argument("--ckpt-every", type=int, default=100, help="steps between (atomic) checkpoints (default: 100)")
     moco.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")

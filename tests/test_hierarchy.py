@@ -284,3 +284,22 @@ def test_vae_scale_per_dataset():
     hier = H.Hierarchy.__new__(H.Hierarchy)
     hier.meta = {"args": {"data": "coco"}}
     assert hier.vae_scale == 0.23010
+
+
+def test_reduced_cache_gives_the_same_batches(tmp_path, tiny_encoder):
+    """write_reduced stores each level reduced, in fp16: LevelData reads the same batches from it (to fp16
+    precision) at a fraction of the size; a depth whose reduced latents were not written is refused."""
+    hier = H.build_cache(_args(tmp_path, _folder(tmp_path), 3), encoder=tiny_encoder)
+    per_image = H.write_reduced(hier, 3, chunk=7)                          # chunks that do not divide N
+    levels = hier.levels(3, image_patch=4)[:-1]                            # (32, 1, 1), (16, 2, 2)
+    assert per_image == 2 * (32 + 16 * 4)
+    idx = [0, 5, 3, 41, 47]
+    raw, reduced = (H.LevelData(hier, "train", levels, reduced=r).batch(idx) for r in (False, True))
+    for a, b in zip([*raw[1], raw[0]], [*reduced[1], reduced[0]]):
+        assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=4e-3, rtol=1e-3)
+        assert not torch.equal(a, b)                                       # really read from the fp16 file
+    assert torch.equal(raw[2], reduced[2])
+    assert H.np.load(hier.reduced_path("test", levels[1]), mmap_mode="r").dtype == np.float16
+    with pytest.raises(H.data.UsageError, match="--reduced-cache"):
+        H.LevelData(hier, "train", hier.levels(4, image_patch=4)[:-1], reduced=True)  # z4x4c8 not written

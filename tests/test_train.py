@@ -125,6 +125,22 @@ def test_nan_loss_stops_cleanly(workspace, monkeypatch):
     assert torch.load(path)["step"] == 3  # the step before the NaN was saved, nothing after it
 
 
+def test_nan_checked_late_names_its_step_and_saves_nothing_after_it(workspace, monkeypatch):
+    """The NaN check runs when the loop logs or saves (here every 5 steps), not every step: it still reports
+    the first bad step, and the checkpoint due after it is not written."""
+    path = train.train(argv(workspace, 3, 3, "--steps", 2, run="nan-late"))
+    original = train.Diffusion.loss
+    calls = []
+
+    def loss(self, *a, **kw):
+        calls.append(1)
+        return original(self, *a, **kw) * (float("nan") if len(calls) == 2 else 1.0)  # step 3 only
+    monkeypatch.setattr(train.Diffusion, "loss", loss)
+    with pytest.raises(SystemExit, match="loss is nan on rank 0 at step 3;"):
+        train.train(argv(workspace, 3, 3, "--steps", 12, "--log-every", 5, "--ckpt-every", 5, "--resume", run="nan-late"))
+    assert len(calls) == 3 and torch.load(path)["step"] == 2  # stopped at the check after step 4; step 5 not saved
+
+
 def _any_rank_worker(rank, port, out):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     out[rank] = (train.any_rank(rank == 1, "cpu"), train.any_rank(False, "cpu"))
