@@ -142,7 +142,7 @@ def test_checkpoint_round_trip_into_frozen_encoder(folder, tmp_path, capsys):
     torch.testing.assert_close(frozen.embed(x), by_hand, rtol=0, atol=0)
     torch.manual_seed(0)
     init = te.MoCo(encoder.VITS["tiny"], mlp_dim=32, dim=16).base_encoder.eval()  # the KNN report's "random" row
-    random_row = te.make_frozen(argparse.Namespace(objective="mocov3", seed=0), None, encoder.VITS["tiny"])
+    random_row = te.make_frozen(argparse.Namespace(objective="mocov3", seed=0, device="cpu"), None, encoder.VITS["tiny"])
     with torch.no_grad():
         torch.testing.assert_close(random_row.embed(x),
                                    init.forward_features(encoder.preprocess(x, 32, frozen.mean, frozen.std))[:, 0])
