@@ -357,7 +357,7 @@ def train_level(args, stop, locks):
             "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
             "image_space": hier.meta["image_space"], "data": args.data}
     encoder = None
-    if args.cond == "text":  # the frozen text tower runs on the fly: captions are drawn at random each step
+    if args.cond == "text":  # the frozen text tower, run once per distinct caption (Encoder.cached_text)
         encoder = H.make_encoder(args, device)
         meta["text_shape"] = list(encoder.text_shape)
 
@@ -386,6 +386,8 @@ def train_level(args, stop, locks):
     base = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir) \
         if target.image and hier.meta["image_space"] == "pixels" else None
     dataset = H.LevelData(hier, "train", conds + [target], base)
+    if encoder:  # the caption cache: every caption of the split through the text tower once, before step 1
+        encoder.cache_captions(c for caps in dataset.captions for c in caps)
     if rank == 0:  # the run folder exists: its lock is in it
         for name, obj in (("args.json", vars(args)), ("meta.json", meta)):
             data.atomic_write(run / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
@@ -406,7 +408,7 @@ def train_level(args, stop, locks):
         t, noise = draw.randint(args.T, x), draw.randn(x)
         noisy = [H.noise_train(z, s, eps=draw.randn(z)) for z, s in zip(zs, sigmas)]
         drop = draw.rand(x) < args.p_uncond
-        text = encoder.encode_text(captions) if encoder else None
+        text = encoder.cached_text(captions) if encoder else None
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
