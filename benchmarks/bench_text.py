@@ -67,7 +67,7 @@ def main(args):
     generator = torch.Generator().manual_seed(0)
     levels = H.level_specs(args.depth, encoder.dim, IMAGE_SHAPE, IMAGE_PATCH)
     totals = {"class": 0.0, "text": 0.0, "uncached": 0.0}
-    print(f"machine: {machine(torch.device('cpu'))}, {torch.get_num_threads()} threads")
+    print(f"machine: {machine(torch.device('cpu'))}")
     print(f"denoiser {args.size}, batch {args.batch}, depth {args.depth}; text tower: glyph-clip, context "
           f"{encoder.text_shape[0]} x {encoder.text_shape[1]}; {len(captions)} distinct definitions, caption cache "
           f"filled in {fill:.1f} s (once per training run)")
