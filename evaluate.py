@@ -17,6 +17,11 @@ KNN (paper §6.1, K = 20): the weighted k-nearest-neighbour classifier of DINO (
 Wu et al. 2018): cosine similarity, each of the K neighbours votes for its class with exp(sim / T),
 T = 0.07; top-1 and top-5 accuracy.
 
+Prompt adherence of glyph samples (the glyph analogue of the classification accuracy of samples, reported
+with FID for the class- and text-conditional modes, paper §4): a small CNN trained on the training glyphs
+reads each sample's Kangxi radical; adherence is the share whose radical is the prompted one (text mode: the
+radical of the glyphs whose definition the prompt is).
+
     python evaluate.py fid samples.npz VIRTUAL_imagenet256_labeled.npz
     python evaluate.py fid samples.npz data:glyphs:test          # glyph test-split stats, cached in cache/fid/
     python evaluate.py knn --train train_feats.npz --test test_feats.npz
