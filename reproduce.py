@@ -336,7 +336,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
         lines += ["", "| prompt | radical | " + " | ".join(f"depth {d}{', guided' if g else ''}" for d, g in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
         for p in PROMPTS[cond]:
-            shown = f"radical {p}" if cond == "class" else f'"{p}"'
+            shown = f"`--class {p}`" if cond == "class" else f'`--prompt "{p}"`'
             lines.append(f"| {shown} | {data.radical_name(targets[cond, p])} | "
                          + " | ".join(f"{shares[cond, d, g, p]:.3f}" for d, g in cols) + " |")
         lines += [""] + [f"![{cond} {p}]({slug((cond, deep, True), p)}.png)" for p in PROMPTS[cond]]

@@ -75,8 +75,8 @@ def test_cond_tables_put_each_number_in_its_cell(tmp_path):
     assert "guidance w = 1 1 1 top-down" in text_part
     assert "| 1 | 10.00 | 11.00 | 0.108 | 0.192 |" in class_part         # mean over the 6 prompts: + 0.025
     assert "| 3 | 130.00 | 131.00 | 0.275 | 0.525 |" in text_part
-    assert "| radical 金 | radical 一 (1) | 0.083 | 0.167 | 0.250 | 0.500 |" in lines
-    assert '| "water" | radical 丨 (2) | 0.093 | 0.177 | 0.260 | 0.510 |' in lines
+    assert "| `--class 金` | radical 一 (1) | 0.083 | 0.167 | 0.250 | 0.500 |" in lines
+    assert '| `--prompt "water"` | radical 丨 (2) | 0.093 | 0.177 | 0.260 | 0.510 |' in lines
     assert "![class 金](class-depth3-cfg-167.png)" in lines and "![text gold](text-depth3-cfg-gold.png)" in lines
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {(r["cond"], r["depth"], r["guided"]): r["fid"] for r in saved["fid"]} == fids
