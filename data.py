@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -269,6 +270,27 @@ def _npy_bytes(array):
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+# Kangxi radical n (1..214) as its CJK unified ideograph: the Kangxi Radicals block U+2F00..U+2FD5 lists them in
+# order, and NFKC maps each to the ideograph (U+2FA6 KANGXI RADICAL GOLD -> 金, radical 167)
+KANGXI_RADICALS = "".join(unicodedata.normalize("NFKC", chr(0x2F00 + k)) for k in range(214))
+
+
+def radical_class(text):
+    """The glyph class (0..213) of a Kangxi radical given as a reader knows it: the radical itself (金, or the
+    Kangxi Radicals block's ⾦) or its Kangxi number (167). Glyph labels are the kRSUnicode radical - 1."""
+    text = unicodedata.normalize("NFKC", str(text).strip())
+    if text.isdigit() and 1 <= int(text) <= 214:
+        return int(text) - 1
+    if len(text) == 1 and text in KANGXI_RADICALS:
+        return KANGXI_RADICALS.index(text)
+    raise UsageError(f"--class {text!r} is not a Kangxi radical; give the radical (金) or its number 1..214 (167)")
+
+
+def radical_name(index):
+    """How a glyph class is written for a reader: class 166 -> 'radical 金 (167)'."""
+    return f"radical {KANGXI_RADICALS[index]} ({index + 1})"
 
 
 class Glyphs(Dataset):

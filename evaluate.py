@@ -17,11 +17,17 @@ KNN (paper §6.1, K = 20): the weighted k-nearest-neighbour classifier of DINO (
 Wu et al. 2018): cosine similarity, each of the K neighbours votes for its class with exp(sim / T),
 T = 0.07; top-1 and top-5 accuracy.
 
+Prompt adherence of glyph samples (the glyph analogue of the classification accuracy of samples, reported
+with FID for the class- and text-conditional modes, paper §4): a small CNN trained on the training glyphs
+reads each sample's Kangxi radical; adherence is the share whose radical is the prompted one (text mode: the
+radical of the glyphs whose definition the prompt is).
+
     python evaluate.py fid samples.npz VIRTUAL_imagenet256_labeled.npz
     python evaluate.py fid samples.npz data:glyphs:test          # glyph test-split stats, cached in cache/fid/
     python evaluate.py knn --train train_feats.npz --test test_feats.npz
     python evaluate.py knn --cache cache/glyphs-... --depth 5    # each latent level of a hierarchy
     python evaluate.py flops --model B                          # params and GMACs, depths 1-5 (Table 6)
+    python evaluate.py adherence samples/depth3-class.npz --class 金   # share of samples with the radical 金
 """
 import argparse
 import hashlib
@@ -404,6 +410,122 @@ def run_flops(args):
     return total
 
 
+# ----------------------------------------------------------------------------------------------------
+# Prompt adherence of glyph samples: a radical classifier
+# ----------------------------------------------------------------------------------------------------
+
+class RadicalNet(torch.nn.Module):
+    """A small CNN that reads the Kangxi radical (214 classes) off a 32 px glyph: three conv-ReLU-pool stages
+    (32 -> 16 -> 8 -> 4 px), then a linear layer: 0.53M parameters, 10.2M multiply-adds per glyph."""
+
+    def __init__(self, classes=214, width=32):
+        super().__init__()
+        stages, c = [], 1
+        for w in (width, 2 * width, 4 * width):
+            stages += [torch.nn.Conv2d(c, w, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            c = w
+        self.features = torch.nn.Sequential(*stages)
+        self.head = torch.nn.Linear(c * 16, classes)
+
+    def forward(self, x):
+        """x (B, 1, 32, 32) in [-1, 1] -> logits (B, classes)."""
+        return self.head(self.features(x).flatten(1))                               # (B, 4w*4*4) -> (B, classes)
+
+
+def glyph_batch(images):
+    """uint8 images (N, H, W[, C]) -> (N, 1, 32, 32) in [-1, 1]: the first channel (samples repeat grey three
+    times), resized to 32 px (antialiased) when needed."""
+    images = np.asarray(images)
+    check_images(images, "glyph images")
+    x = torch.from_numpy(images).float()
+    x = (x[..., 0] if x.dim() == 4 else x)[:, None] / 127.5 - 1                     # (N, 1, H, W)
+    return x if x.shape[-1] == 32 else F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)
+
+
+def train_radical_net(images, labels, epochs=2, batch_size=128, lr=2e-3, seed=0, classes=214):
+    """Train RadicalNet on uint8 glyphs (N, H, W) and their classes (N,) with Adam and cross-entropy, batches
+    drawn from a seeded permutation per epoch. Returns the model in eval mode."""
+    torch.manual_seed(seed)
+    x, y = glyph_batch(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    model = RadicalNet(classes)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="radical classifier", unit="epoch"):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_radicals(model, images, batch_size=512):
+    """The class (0..213) the classifier reads off each uint8 glyph (N, H, W[, C]): (N,) int64."""
+    x = glyph_batch(images)
+    return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)]).numpy()
+
+
+def adherence(predicted, target):
+    """Prompt adherence: the share of samples whose predicted class is the prompted one (``target``: one class
+    for all, or one per sample)."""
+    predicted = np.asarray(predicted)
+    return float(np.mean(predicted == np.broadcast_to(np.asarray(target), predicted.shape)))
+
+
+def radical_classifier(data_dir="data", ckpt_dir="checkpoints", epochs=2):
+    """(RadicalNet, its accuracy on the held-out glyphs), trained on the 32 px training glyphs once and cached in
+    ``ckpt_dir`` under the glyph set's hash (data.Glyphs.set_hash), so another set never reuses its weights."""
+    train = data.build_dataset("glyphs", "train", 32, data_dir=data_dir)
+    path = Path(ckpt_dir) / f"radical-cnn-{train.set_hash}-e{epochs}.pt"
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = RadicalNet()
+        model.load_state_dict(state["model"])
+        return model.eval(), state["test_accuracy"]
+    test = data.build_dataset("glyphs", "test", 32, data_dir=data_dir)
+    model = train_radical_net(train.images, train.labels, epochs)
+    accuracy = adherence(predict_radicals(model, test.images), test.labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "test_accuracy": accuracy,
+                                                    "glyph_set": train.set_hash, "epochs": epochs}, tmp))
+    return model, accuracy
+
+
+def prompt_radical(prompt, chars, definitions, radicals):
+    """The class a text prompt asks for: the radical of the characters whose definition is the prompt, else of
+    those that list it among their senses (split at ; and ,), the most common one when they differ."""
+    senses = [[s.strip() for s in d.replace(";", ",").split(",")] for d in definitions]
+    match = [r for d, r in zip(definitions, radicals) if d == prompt.strip()] or \
+            [r for s, r in zip(senses, radicals) if prompt.strip() in s]
+    if not match:
+        raise data.UsageError(f"no glyph has the definition {prompt!r}; give its radical with --class instead")
+    values, counts = np.unique(match, return_counts=True)
+    return int(values[counts.argmax()])
+
+
+def glyph_definitions(data_dir="data"):
+    """(chars, definitions, classes) of every glyph, both splits."""
+    sets = [data.build_dataset("glyphs", split, 32, data_dir=data_dir) for split in ("train", "test")]
+    return ([c for s in sets for c in s.chars], [d for s in sets for d in s.captions],
+            [int(y) for s in sets for y in s.labels])
+
+
+def run_adherence(args):
+    if (args.class_id is None) == (args.prompt is None):
+        raise data.UsageError("adherence needs the prompted radical: --class 金 (or 167), or --prompt TEXT")
+    kind, images = read_npz(args.samples)
+    if kind != "images":
+        raise data.UsageError(f"{args.samples} holds statistics, not samples; pass a samples .npz (arr_0)")
+    target = data.radical_class(args.class_id) if args.class_id is not None else \
+        prompt_radical(args.prompt, *glyph_definitions(args.data_dir))
+    model, accuracy = radical_classifier(args.data_dir, args.ckpt_dir, args.epochs)
+    share = adherence(predict_radicals(model, images), target)
+    print(f"radical classifier: {accuracy:.3f} accuracy on the held-out glyphs")
+    print(f"adherence: {share:.3f} of {len(images)} samples carry {data.radical_name(target)}")
+    return share
+
+
 def machine(device="cpu"):
     """The machine a number was measured on: GPU name, or CPU model and threads; torch version."""
     if str(device).startswith("cuda"):
@@ -450,6 +572,18 @@ def get_parser():
     k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the search")
     k.set_defaults(func=lambda a: run_knn_levels(a) if a.cache else run_knn(a))
 
+    a = sub.add_parser("adherence", help="share of glyph samples whose radical is the prompted one",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("samples", help="samples .npz (arr_0 uint8 N×H×W[×C]) of a class- or text-conditional glyph model")
+    a.add_argument("--class", dest="class_id", default=None, help="the prompted radical (金) or its Kangxi number (167)")
+    a.add_argument("--prompt", default=None,
+                   help="the text prompt: its radical is that of the glyph whose definition it is")
+    a.add_argument("--data-dir", default="data", help="where the glyph cache lives")
+    a.add_argument("--ckpt-dir", default="checkpoints", help="where the radical classifier's weights are cached")
+    a.add_argument("--epochs", type=int, default=2,
+                   help="training epochs of the radical classifier (one epoch: 0.84 held-out accuracy)")
+    a.set_defaults(func=run_adherence)
+
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--model", default="B", help="denoiser size (B = the paper's width 768, depth 12)")
@@ -461,7 +595,7 @@ def get_parser():
 
 def check_flags(args):
     """The checks that need no data: they run before any file is read."""
-    limits = {"batch_size": 1, "max_n": 2, "num_workers": 0, "image_size": 1, "k": 1, "depth": 1}
+    limits = {"batch_size": 1, "max_n": 2, "num_workers": 0, "image_size": 1, "k": 1, "depth": 1, "epochs": 1}
     for name, low in limits.items():
         data.check_range(f"--{name.replace('_', '-')}", getattr(args, name, None), low)
     data.check_range("--temperature", getattr(args, "temperature", None), 0, strict=True)

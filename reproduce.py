@@ -13,9 +13,11 @@ CPU float reductions and thread timing aside, all randomness is seeded).
     python reproduce.py --preset quick     # ~20 min on 2 CPU cores (make demo)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
+    python reproduce.py --preset cond      # class- and text-conditional depths 1 and 3: FID, prompt adherence
 """
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -39,7 +41,13 @@ PRESETS = {
     # the full preset's depths 1 and 3 with twice the image-level budget (same encoder, same latent levels)
     "long": dict(clip_steps=500, clip_of="full", model="XS", steps=2000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
+    # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence
+    "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 3),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64),
 }
+# what the conditional preset prompts with: radicals (class mode) and definitions (text mode, each the
+# definition of glyphs of one radical: gold 金, water 水, tree 木, fire 火, fish 魚, horse 馬)
+PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
 
@@ -49,9 +57,9 @@ def step(title):
     return time.time()
 
 
-def default_sigmas(depth):
-    """σ_L … σ_2 of a depth-L unconditional model: the paper's schedule, by latent grid (hierarchy.SIGMAS)."""
-    return [H.sigma_for(2 ** k, "none") for k in range(depth - 1)]
+def default_sigmas(depth, cond="none"):
+    """σ_L … σ_2 of a depth-L model of mode ``cond``: the paper's schedule, by latent grid (hierarchy.SIGMAS)."""
+    return [H.sigma_for(2 ** k, cond) for k in range(depth - 1)]
 
 
 def hierarchy_argv(args):
@@ -85,6 +93,8 @@ def main(args):
     levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH)
     kept = {lv.name: hier.reduction(lv).kept for lv in levels if not lv.image}
     timings["cache"] = time.time() - t
+    if cfg.get("conds"):
+        return conditional(args, cfg, out, runs, timings, started)
 
     t = step("training")
     before = {p: p.stat().st_mtime for p in runs.glob("*/ckpt.pt")}
@@ -128,14 +138,14 @@ def main(args):
                   time.time() - started, baseline, unconditional)
 
 
-def train_level(args, cfg, runs, depth, level, sigmas, model):
-    """Train (or reuse) one level of a depth-``depth`` model with condition noise ``sigmas``."""
+def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
+    """Train (or reuse) one level of a depth-``depth`` model of mode ``cond`` with condition noise ``sigmas``."""
     steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
     train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
         "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
-        "--cond-path", args.cond_path] + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
+        "--cond-path", args.cond_path, "--cond", cond] + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
 
 
 def reference_images(test_set, n):
@@ -220,11 +230,133 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     print("\n" + "\n".join(lines))
 
 
+# ----------------------------------------------------------------------------------------------------
+# The conditional preset: class- and text-conditional models, FID and prompt adherence
+# ----------------------------------------------------------------------------------------------------
+
+def cond_models(cfg):
+    """(mode, depth, σ_L … σ_2) of every conditional model: each mode at each depth with its paper σ."""
+    return [(cond, d, default_sigmas(d, cond)) for cond in cfg["conds"] for d in cfg["depths"]]
+
+
+def conditional(args, cfg, out, runs, timings, started):
+    """Train every level of cond_models, then per model and guidance (none, the mode's paper default):
+    FID of ``n_samples`` samples (sample.py's random classes / held-out definitions) against the held-out
+    glyphs, and the adherence of ``n_prompt`` samples per prompt of PROMPTS (evaluate.py adherence)."""
+    t = step("training")
+    for cond, depth, sigmas in cond_models(cfg):
+        for level in range(depth, 0, -1):
+            train_level(args, cfg, runs, depth, level, sigmas, cfg["model"], cond)
+    timings["train"] = time.time() - t
+
+    t = step("radical classifier")
+    classifier, accuracy = evaluate.radical_classifier(args.data_dir)
+    targets = prompt_targets(evaluate.glyph_definitions(args.data_dir))
+    print(f"held-out accuracy {accuracy:.3f}")
+    timings["classifier"] = time.time() - t
+
+    t = step("sampling, FID and adherence")
+    ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
+                                 device=args.device)
+    fids, shares = {}, {}  # (mode, depth, guided) -> FID; (mode, depth, guided, prompt) -> adherence
+    for cond, depth, sigmas in cond_models(cfg):
+        for guided in (False, True):
+            key = cond, depth, guided
+            npz = sample_cond(args, cfg, runs, key, sigmas, cfg["n_samples"], runs / "samples" / slug(key))
+            feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
+            fids[key] = evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)
+            for prompt in PROMPTS[cond]:
+                folder = runs / "samples" / slug(key, prompt)
+                npz = sample_cond(args, cfg, runs, key, sigmas, cfg["n_prompt"], folder, prompt)
+                shares[(*key, prompt)] = evaluate.adherence(
+                    evaluate.predict_radicals(classifier, np.load(npz)["arr_0"]), targets[cond, prompt])
+                if depth == max(cfg["depths"]) and guided:  # the README's grids
+                    shutil.copy(npz.with_suffix(".png"), out / f"{slug(key, prompt)}.png")
+            print(f"{cond}, depth {depth}, guided {guided}: FID {fids[key]:.2f}, adherence "
+                  + ", ".join(f"{p} {shares[(*key, p)]:.2f}" for p in PROMPTS[cond]))
+    timings["sample+fid"] = time.time() - t
+    write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings, time.time() - started)
+
+
+def prompt_targets(glyphs):
+    """{(mode, prompt): the class it asks for} for every prompt of PROMPTS; ``glyphs`` = (chars, definitions,
+    classes) of the glyph set, which a text prompt's radical is read from (evaluate.prompt_radical)."""
+    targets = {("class", p): data.radical_class(p) for p in PROMPTS["class"]}
+    return targets | {("text", p): evaluate.prompt_radical(p, *glyphs) for p in PROMPTS["text"]}
+
+
+def slug(key, prompt=None):
+    """Folder / file name of a model's samples: class-depth3-cfg, text-depth1-nocfg-gold, class-depth3-cfg-167."""
+    cond, depth, guided = key
+    name = f"{cond}-depth{depth}-{'cfg' if guided else 'nocfg'}"
+    if prompt is None:
+        return name
+    return f"{name}-{data.radical_class(prompt) + 1}" if cond == "class" else f"{name}-{prompt.replace(' ', '_')}"
+
+
+def sample_args(args, cfg, runs, key, sigmas, n, out, prompt=None):
+    """sample.py's flags for ``n`` samples of one model, unguided or with the mode's paper guidance (sample.py
+    CFG_DEFAULTS, γ = 0.3), prompted by a radical or a definition, or else random classes / held-out definitions."""
+    cond, depth, guided = key
+    prompted = ["--class" if cond == "class" else "--prompt", prompt] if prompt is not None else []
+    return ["--depth", str(depth), "--run-dir", str(runs), "--cond", cond, "--n", str(n), "--batch", "128",
+            "--steps", str(cfg["sample_steps"]), "--out", str(out), "--device", args.device, "--overwrite",
+            "--model", cfg["model"], "--cond-path", args.cond_path] + ([] if guided else ["--cfg", "0"]) \
+        + (["--sigma", *map(str, sigmas)] if sigmas else []) + prompted
+
+
+def sample_cond(args, cfg, runs, key, sigmas, n, out, prompt=None):
+    """Sample one model (sample.py); returns the .npz."""
+    return sample.main(sample.get_parser().parse_args(sample_args(args, cfg, runs, key, sigmas, n, out, prompt)))
+
+
+def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings, total):
+    """results.md and results.json of the conditional preset: per mode, FID and mean adherence by depth and
+    guidance, then the adherence of each prompt."""
+    deep = max(cfg["depths"])
+    lines = [f"# Glyph reproduction, preset `{args.preset}`: class- and text-conditional models", "",
+             f"Command: `python reproduce.py --preset {args.preset}` — machine: {evaluate.machine(args.device)} — "
+             f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
+             f"Denoisers: size {cfg['model']}, {cfg['steps']} steps per level at batch {cfg['batch']}, condition path "
+             f"`{args.cond_path}`; DPM-Solver++(2M), {cfg['sample_steps']} steps per level. FID: {cfg['n_samples']} "
+             f"samples per model (random radicals / held-out definitions) against the held-out glyphs. Adherence: "
+             f"the share of {cfg['n_prompt']} samples per prompt whose radical, read by a CNN trained on the "
+             f"training glyphs ({accuracy:.3f} accuracy on the held-out glyphs), is the prompted one."]
+    for cond in cfg["conds"]:
+        w = " ".join(f"{v:g}" for v in sample.cfg_weights(None, cond, deep))
+        sig = default_sigmas(deep, cond)
+        lines += ["", f"## {cond}-conditional (σ_{deep} … σ_2 = {', '.join(f'{v:g}' for v in sig)}; guidance w = {w} "
+                  f"top-down, γ = 0.3)", "",
+                  "| depth L | FID ↓, no guidance | FID ↓, guidance | adherence ↑, no guidance | adherence ↑, guidance |",
+                  "|---|---|---|---|---|"]
+        for d in cfg["depths"]:
+            mean = {g: np.mean([shares[cond, d, g, p] for p in PROMPTS[cond]]) for g in (False, True)}
+            lines.append(f"| {d} | {fids[cond, d, False]:.2f} | {fids[cond, d, True]:.2f} | {mean[False]:.3f} | "
+                         f"{mean[True]:.3f} |")
+        cols = [(d, g) for d in cfg["depths"] for g in (False, True)]
+        lines += ["", "| prompt | radical | " + " | ".join(f"depth {d}{', guided' if g else ''}" for d, g in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for p in PROMPTS[cond]:
+            shown = f"`--class {p}`" if cond == "class" else f'`--prompt "{p}"`'
+            lines.append(f"| {shown} | {data.radical_name(targets[cond, p])} | "
+                         + " | ".join(f"{shares[cond, d, g, p]:.3f}" for d, g in cols) + " |")
+        lines += [""] + [f"![{cond} {p}]({slug((cond, deep, True), p)}.png)" for p in PROMPTS[cond]]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({
+        "fid": [{"cond": c, "depth": d, "guided": g, "fid": f} for (c, d, g), f in fids.items()],
+        "adherence": [{"cond": c, "depth": d, "guided": g, "prompt": p, "radical": targets[c, p] + 1, "share": v}
+                      for (c, d, g, p), v in shares.items()],
+        "classifier_accuracy": accuracy, "cond_path": args.cond_path, "timings_s": timings,
+        "machine": evaluate.machine(args.device)}, indent=1, ensure_ascii=False))
+    print("\n" + "\n".join(lines))
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
                    help="quick: ~20 min demo; full: README numbers and the σ_2 sweep; long: full's depths 1 and 3 "
-                        "with twice the image-level steps")
+                        "with twice the image-level steps; cond: class- and text-conditional depths 1 and 3, FID "
+                        "and prompt adherence")
     p.add_argument("--clip", default=None, help="glyph CLIP weights, trained when missing "
                                                "(default: checkpoints/glyph-clip-<preset>.pt)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")

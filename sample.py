@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Subset
 from tqdm import tqdm
 
@@ -206,7 +206,9 @@ def save_labelled_grid(images, path, label):
         grid = Image.open(path).convert("RGB")
         out = Image.new("RGB", (grid.width, grid.height + 14), "white")
         out.paste(grid, (0, 14))
-        ImageDraw.Draw(out).text((2, 1), label[:grid.width // 6], fill="black")
+        font_path, index = data.default_font()  # Noto Sans CJK writes radicals (金); PIL's default font cannot
+        font = ImageFont.truetype(font_path, 11, index=index) if font_path else None
+        ImageDraw.Draw(out).text((2, 1), label[:grid.width // 6], fill="black", font=font)
         out.save(path)
 
 
@@ -231,11 +233,24 @@ def output_path(args):
     return Path(args.out) / f"{name}.npz"
 
 
+def class_index(spec, meta):
+    """The internal class id (0..K-1) that ``--class`` names: for glyphs the radical (金) or its Kangxi number
+    (167), for other datasets the class index itself (ImageNet's 0..999)."""
+    if meta["data"] == "glyphs":
+        return data.radical_class(spec)
+    classes = meta["num_classes"]
+    if not spec.lstrip("-").isdigit() or not 0 <= int(spec) < classes:
+        raise data.UsageError(f"--class {spec} is outside 0..{classes - 1} (the model's {classes} classes)")
+    return int(spec)
+
+
+def class_label(index, meta):
+    """A grid's label for class ``index``: 'radical 金 (167)' for glyphs, 'class 3' otherwise."""
+    return data.radical_name(index) if meta["data"] == "glyphs" else f"class {index}"
+
+
 def check_levels(args, metas):
-    """The checks against the trained levels: class id range and sampling steps."""
-    classes = metas[0]["num_classes"]
-    if args.class_id is not None and not 0 <= args.class_id < classes:
-        raise data.UsageError(f"--class {args.class_id} is outside 0..{classes - 1} (the model's {classes} classes)")
+    """The checks against the trained levels: sampling steps."""
     T = min(m["T"] for m in metas)
     if args.steps > T:
         raise data.UsageError(f"--steps {args.steps} is more than the {T} diffusion steps the levels were trained with")
@@ -246,6 +261,7 @@ def main(args):
     device = torch.device(args.device)
     metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma, args.cond_path)
     check_levels(args, metas)
+    class_id = class_index(args.class_id, metas[0]) if args.class_id is not None else None
     weights = cfg_weights(args.cfg, args.cond, args.depth)
     levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]
     hier = H.locate_cache(metas[0], metas[0]["dir"], args.cache_dir)
@@ -266,7 +282,7 @@ def main(args):
         n = min(args.batch, args.n - start)
         y = text = None
         if args.cond == "class":
-            y = torch.full((n,), args.class_id, device=device) if args.class_id is not None else \
+            y = torch.full((n,), class_id, device=device) if class_id is not None else \
                 classes[start:start + n].to(device)
         if args.cond == "text":
             prompts = [args.prompt] * n if args.prompt is not None else \
@@ -292,7 +308,7 @@ def main(args):
     elif args.reference:                                  # each reference beside its resampling
         k = min(32, len(images))
         grid = np.stack([data.to_uint8(reference_batch(refs, 0, k)), images[:k]], 1).reshape(-1, *images.shape[1:])
-    label = args.prompt or (f"class {args.class_id}" if args.class_id is not None else "")
+    label = args.prompt or (class_label(class_id, metas[0]) if class_id is not None else "")
     save_labelled_grid(grid, out / f"{name}.png", label)
     for k, s in enumerate(seconds):
         print(f"level {args.depth - k}: {s:.1f}s")
@@ -324,8 +340,10 @@ def get_parser():
     p.add_argument("--gamma", type=float, default=None,
                    help="condition noise N(z, (t/T)^γ σ² I) at sampling, with or without guidance (inf: clean; "
                         "default: the paper's 0.3 under guidance, clean without, Table 3)")
-    p.add_argument("--class", dest="class_id", type=int, default=None,
-                   help="class id for a class-conditional model (default: every class equally often, as for FID)")
+    p.add_argument("--class", dest="class_id", default=None,
+                   help="the class of a class-conditional model: for glyphs the radical (金) or its Kangxi number "
+                        "(167); for other datasets the class index (0-based, ImageNet's 0..999); default: every "
+                        "class equally often, as for FID")
     p.add_argument("--prompt", default=None, help="text for a text-conditional model")
     p.add_argument("--reference", default=None,
                    help="an image file or glyph:CHAR to resample (paper Fig. 1); data:NAME:SPLIT resamples --n "

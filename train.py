@@ -447,7 +447,7 @@ def train_level(args, stop, locks):
     if rank == 0:  # one writer per run folder
         locks.enter_context(data.folder_lock(run, "the run folder"))
     encoder = None
-    if args.cond == "text":  # the frozen text tower runs on the fly: captions are drawn at random each step
+    if args.cond == "text":  # the frozen text tower, run once per distinct caption (Encoder.cached_text)
         encoder = H.make_text_encoder(args, device)
         meta["text_shape"], meta["text_encoder"] = list(encoder.text_shape), args.text_encoder
 
@@ -474,6 +474,8 @@ def train_level(args, stop, locks):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     dataset = level_data(args, hier, target, conds)
+    if encoder:  # the caption cache: every caption of the split through the text tower once, before step 1
+        encoder.cache_captions(c for caps in dataset.captions for c in caps)
     if rank == 0:  # the run folder exists: its lock is in it
         for name, obj in (("args.json", vars(args)), ("meta.json", meta)):
             data.atomic_write(run / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
@@ -491,7 +493,7 @@ def train_level(args, stop, locks):
     stop.armed = True  # from here a signal stops training after the current step, with a checkpoint
     for step, (x, zs, y, captions) in zip(bar, batches):
         t, noise, noisy, drop = step_draws(args, step, rank, world, x, zs, sigmas)
-        text = encoder.encode_text(captions) if encoder else None
+        text = encoder.cached_text(captions) if encoder else None
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         loss = level_loss(net, diffusion, x, t, noise, noisy, y if meta["num_classes"] else None, text, drop,

@@ -170,3 +170,22 @@ def test_run_main_turns_failures_into_one_line(capsys, error, code, line):
     with pytest.raises(SystemExit) as e:
         data.run_main(main, None)
     assert e.value.code == code and capsys.readouterr().err == line + "\n"
+
+
+def test_radical_class_by_character_or_kangxi_number(glyph_dir):
+    """金 and 167 name the same class, and the training glyphs of that class carry kRSUnicode radical 167."""
+    gold = data.radical_class("金")
+    assert gold == data.radical_class("167") == data.radical_class("\u2fa6") == 166  # ⾦ KANGXI RADICAL GOLD
+    assert data.radical_class("一") == data.radical_class("1") == 0 and data.radical_class("龠") == 213
+    assert data.radical_name(gold) == "radical 金 (167)"
+    train = data.build_dataset("glyphs", "train", 16, data_dir=glyph_dir)
+    chars = {c for c, y in zip(train.chars, train.labels) if y == gold}
+    assert {"銀", "鉄", "針"} <= chars and not {"水", "木"} & chars
+    unihan = data.read_unihan(data.default_unihan())
+    assert {unihan[ord(c)][1] for c in chars} == {167}
+
+
+@pytest.mark.parametrize("bad", ["0", "215", "x", "金金", ""])
+def test_unknown_radical_is_one_line(bad):
+    with pytest.raises(data.UsageError, match="is not a Kangxi radical; give the radical"):
+        data.radical_class(bad)

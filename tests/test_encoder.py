@@ -214,3 +214,26 @@ def test_mocov3_sincos_position_embedding():
     torch.testing.assert_close(pe[0, 1 + 3 * row + col], expect)
     vit = encoder.build_vit(encoder.VITS["tiny"])
     assert torch.equal(vit.pos_embed, encoder.sincos_pos_embed(4, 32)) and not vit.pos_embed.requires_grad
+
+
+def test_caption_cache_runs_the_text_tower_once_per_caption(tiny_name):
+    """cached_text: one text-tower pass per distinct caption, never again; a cache filled from a split holds the
+    same states whatever order the batches come in (so a resumed run reads the same states)."""
+    a, b = make_encoder(tiny_name), make_encoder(tiny_name)
+    calls = []
+    real = a.encode_text
+    a.encode_text = lambda captions: calls.append(list(captions)) or real(captions)
+    first = a.cached_text(["water", "gold", "water"])                                  # (3, 16, 64)
+    again = a.cached_text(["gold", "tree", "gold"])
+    assert calls == [["gold", "water"], ["tree"]]                                      # sorted, each once
+    assert torch.equal(first[0], first[2]) and torch.equal(first[1], again[0])
+    torch.testing.assert_close(first, real(["water", "gold", "water"]), rtol=1e-5, atol=1e-5)  # one batched pass
+    split = ["tree", "water", "gold", "fire", "earth"]
+    a.caption_states, b.caption_states = {}, {}
+    a.cache_captions(split, chunk=2)
+    b.cache_captions(split[::-1], chunk=2)
+    assert calls[-3:] == [["earth", "fire"], ["gold", "tree"], ["water"]]
+    assert a.caption_states.keys() == set(split)
+    assert all(torch.equal(a.caption_states[c], b.caption_states[c]) for c in split)
+    assert torch.equal(a.cached_text(["gold", "earth"]), torch.stack([real(["gold", "tree"])[0], real(["earth", "fire"])[0]]))
+    assert len(calls) == 5                                                             # all read from the cache

@@ -320,3 +320,71 @@ def test_flops_table_matches_dit_and_paper_ratio():
     assert 1.15 < total[5] / total[1] <= 1.30
     names = [name for depth, _, name, _, _ in rows if depth == 5]
     assert names == ["z1x1c256", "z2x2c128", "z4x4c64", "z8x8c32", "image4x32"]
+
+
+def toy_glyphs(n, seed):
+    """An easily separable toy set of 32 px 'glyphs': class 0 a horizontal bar, 1 a vertical bar, 2 a box,
+    each shifted by up to 4 px, with pixel noise. uint8 (n, 32, 32), labels (n,)."""
+    rng = np.random.default_rng(seed)
+    images, labels = np.full((n, 32, 32), 255, np.uint8), rng.integers(0, 3, n)
+    for img, y in zip(images, labels):
+        r, c = rng.integers(10, 18, 2)
+        if y == 0:
+            img[r:r + 4, 6:26] = 0
+        elif y == 1:
+            img[6:26, c:c + 4] = 0
+        else:
+            img[r - 6:r + 6, c - 6:c + 6] = 0
+            img[r - 4:r + 4, c - 4:c + 4] = 255
+    noisy = images.astype(np.int16) + rng.integers(-40, 41, images.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8), labels
+
+
+def test_radical_classifier_learns_a_separable_toy_set():
+    train_x, train_y = toy_glyphs(240, 0)
+    test_x, test_y = toy_glyphs(90, 1)
+    model = evaluate.train_radical_net(train_x, train_y, epochs=6, batch_size=32, classes=3)
+    assert evaluate.adherence(evaluate.predict_radicals(model, test_x), test_y) >= 0.95
+    untrained = evaluate.RadicalNet(3).eval()
+    assert evaluate.adherence(evaluate.predict_radicals(untrained, test_x), test_y) < 0.8
+    rgb = np.repeat(test_x[..., None], 3, -1)                                # the samples .npz layout
+    assert np.array_equal(evaluate.predict_radicals(model, rgb), evaluate.predict_radicals(model, test_x))
+
+
+def test_adherence_share_for_known_predictions():
+    assert evaluate.adherence([166, 166, 84, 166], 166) == 0.75
+    assert evaluate.adherence([1, 2, 3, 4], [1, 0, 3, 0]) == 0.5
+    assert evaluate.adherence([5, 5], 4) == 0.0
+
+
+def test_prompt_radical_is_that_of_the_defined_character():
+    chars, defs, rads = "䥔金溍水木杻", ["gold", "gold; metals in general", "water", "water, liquid", "tree", "tree, oak"], \
+        [166, 166, 84, 84, 74, 139]
+    assert evaluate.prompt_radical("gold", chars, defs, rads) == 166              # the exact definition
+    assert evaluate.prompt_radical("metals in general", chars, defs, rads) == 166  # one of its senses
+    assert evaluate.prompt_radical("tree", chars, defs, rads) == 74               # exact beats a sense
+    assert evaluate.prompt_radical("oak", chars, defs, rads) == 139
+    with pytest.raises(data.UsageError, match="no glyph has the definition 'silver'"):
+        evaluate.prompt_radical("silver", chars, defs, rads)
+
+
+class FixedPredictions(torch.nn.Module):
+    """A stand-in classifier: dark glyphs are class 166 (金), light ones class 84 (水)."""
+
+    def forward(self, x):
+        dark = (x.mean((1, 2, 3)) < 0).long()                                       # (B,)
+        return torch.nn.functional.one_hot(torch.where(dark.bool(), 166, 84), 214).float()
+
+
+def test_adherence_command(tmp_path, monkeypatch, capsys):
+    images = np.full((4, 32, 32, 3), 250, np.uint8)
+    images[:3] = 10                                                              # 3 of 4 read as 金
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    monkeypatch.setattr(evaluate, "radical_classifier", lambda *a: (FixedPredictions(), 0.5))
+    args = evaluate.get_parser().parse_args(["adherence", str(tmp_path / "s.npz"), "--class", "167"])
+    assert evaluate.main(args) == 0.75
+    assert "adherence: 0.750 of 4 samples carry radical 金 (167)" in capsys.readouterr().out
+    args = evaluate.get_parser().parse_args(["adherence", str(tmp_path / "s.npz"), "--class", "水"])
+    assert evaluate.main(args) == 0.25
+    with pytest.raises(data.UsageError, match="adherence needs the prompted radical"):
+        evaluate.main(evaluate.get_parser().parse_args(["adherence", str(tmp_path / "s.npz")]))

@@ -35,3 +35,49 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {(r["depth"], tuple(r["sigmas"]), r["cfg"]): r["fid"] for r in saved["fid"]} == fids
     assert saved["ratios"] == {"depth3/depth1": 8.0, "depth3/1*": 2.0} and saved["unconditional_mse"] == 0.2
+
+
+def test_cond_preset_trains_each_mode_at_its_paper_sigma():
+    cfg = reproduce.PRESETS["cond"]
+    assert reproduce.cond_models(cfg) == [("class", 1, []), ("class", 3, [0.5, 0.5]),   # σ_3, σ_2 (Table 1, class)
+                                          ("text", 1, []), ("text", 3, [0.5, 0.5])]     # COCO's 0.5
+    glyphs = ("䥔溍朳㶯鮆騻", ["gold", "water", "tree", "fire", "fish", "horse"], [166, 84, 74, 85, 194, 186])
+    targets = reproduce.prompt_targets(glyphs)
+    assert targets["class", "金"] == targets["text", "gold"] == 166 and targets["class", "水"] == 84
+    assert targets["text", "horse"] == 186 and len(targets) == 12
+
+
+def test_cond_sampling_flags_follow_the_mode_and_guidance():
+    cfg, args = reproduce.PRESETS["cond"], argparse.Namespace(device="cpu", cond_path="adaln")
+    plain = reproduce.sample_args(args, cfg, "runs", ("class", 3, False), [0.5, 0.5], 64, "out", "金")
+    assert plain[plain.index("--cfg") + 1] == "0" and plain[-2:] == ["--class", "金"]
+    assert plain[plain.index("--sigma") + 1:plain.index("--sigma") + 3] == ["0.5", "0.5"]
+    assert plain[plain.index("--cond-path") + 1] == "adaln" and plain[plain.index("--n") + 1] == "64"
+    guided = reproduce.sample_args(args, cfg, "runs", ("text", 1, True), [], 500, "out")
+    assert "--cfg" not in guided and "--sigma" not in guided and "--prompt" not in guided  # sample.CFG_DEFAULTS
+    assert guided[guided.index("--cond") + 1] == "text"
+    assert reproduce.slug(("class", 3, True), "金") == "class-depth3-cfg-167"
+    assert reproduce.slug(("text", 1, False), "gold") == "text-depth1-nocfg-gold"
+
+
+def test_cond_tables_put_each_number_in_its_cell(tmp_path):
+    cfg = reproduce.PRESETS["cond"]
+    fids = {(c, d, g): 100 * (c == "text") + 10 * d + g for c, d, _ in reproduce.cond_models(cfg) for g in (False, True)}
+    shares = {(c, d, g, p): (0.5 if g else 0.25) * d / 3 + 0.01 * k for (c, d, g) in fids
+              for k, p in enumerate(reproduce.PROMPTS[c])}
+    targets = {(c, p): k for c in cfg["conds"] for k, p in enumerate(reproduce.PROMPTS[c])}
+    args = argparse.Namespace(preset="cond", device="cpu", cond_path="tokens")
+    reproduce.write_cond_results(tmp_path, args, cfg, fids, shares, targets, 0.8, {"train": 60.0}, 120.0)
+    text = (tmp_path / "results.md").read_text()
+    lines = text.splitlines()
+    class_part, text_part = text.split("## class-conditional")[1].split("## text-conditional")
+    assert "σ_3 … σ_2 = 0.5, 0.5; guidance w = 0.5 0.4 0.3 top-down" in class_part
+    assert "guidance w = 1 1 1 top-down" in text_part
+    assert "| 1 | 10.00 | 11.00 | 0.108 | 0.192 |" in class_part         # mean over the 6 prompts: + 0.025
+    assert "| 3 | 130.00 | 131.00 | 0.275 | 0.525 |" in text_part
+    assert "| `--class 金` | radical 一 (1) | 0.083 | 0.167 | 0.250 | 0.500 |" in lines
+    assert '| `--prompt "water"` | radical 丨 (2) | 0.093 | 0.177 | 0.260 | 0.510 |' in lines
+    assert "![class 金](class-depth3-cfg-167.png)" in lines and "![text gold](text-depth3-cfg-gold.png)" in lines
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["cond"], r["depth"], r["guided"]): r["fid"] for r in saved["fid"]} == fids
+    assert {(r["cond"], r["depth"], r["guided"], r["prompt"]): r["share"] for r in saved["adherence"]} == shares

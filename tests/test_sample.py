@@ -216,6 +216,16 @@ def test_class_out_of_range_is_refused(run, tmp_path):
             sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cond", "class", "--class", bad))
 
 
+def test_glyph_class_is_named_by_radical_or_kangxi_number():
+    """For glyph models --class takes 金 or 167 (both the internal class 166); other datasets keep the index."""
+    glyphs, folder = {"data": "glyphs", "num_classes": 214}, {"data": "folder:x", "num_classes": 2}
+    assert sample.class_index("金", glyphs) == sample.class_index("167", glyphs) == 166
+    assert sample.class_label(166, glyphs) == "radical 金 (167)" and sample.class_label(1, folder) == "class 1"
+    assert sample.class_index("1", folder) == 1
+    with pytest.raises(data.UsageError, match="--class '香港' is not a Kangxi radical"):
+        sample.class_index("香港", glyphs)
+
+
 def test_earlier_samples_are_not_overwritten(run, tmp_path):
     args = sample_args(run, "--out", str(tmp_path), "--n", "2")
     first = sample.main(args).read_bytes()
