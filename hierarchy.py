@@ -475,7 +475,14 @@ class LevelData(Dataset):
 def prefetch(dataset, items, device, ahead=2):
     """``dataset.batch(idx, draw)`` for each ``(idx, draw)`` of ``items``, the deterministic part (cache read,
     reduction, copy to ``device``) run ``ahead`` batches early in a background thread while the caller trains;
-    the random part runs in the caller's thread in order, so the batches are those of a plain loop."""
+    the random part runs in the caller's thread in order, so the batches are those of a plain loop. On the CPU
+    the batches are assembled in the caller's thread: there is no idle core to overlap with, and a second thread
+    only stalls the step's OpenMP team (the one-token glyph level ran at 0.40 of its model's rate with the
+    thread, 0.68 without; benchmarks/bench_train.py)."""
+    if torch.device(device).type == "cpu":
+        for idx, draw in items:
+            yield dataset.finish(dataset.load(idx, device), draw)
+        return
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
     pending = deque()
     try:
