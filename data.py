@@ -423,6 +423,18 @@ DATASETS = ("glyphs", "imagenet", "coco", "folder:PATH")
 DEFAULT_PATHS = {"imagenet": "data/imagenet", "coco": "data/coco"}
 
 
+def parse_data_spec(spec):
+    """"data:NAME[:SPLIT]" -> (NAME, SPLIT); SPLIT defaults to train. NAME may hold colons (folder:PATH)."""
+    rest = spec[len("data:"):]
+    name, _, split = rest.rpartition(":")
+    return (name, split) if name and split in ("train", "test") else (rest, "train")
+
+
+def evenly_spaced(total, n):
+    """n distinct indices in 0..total-1 (n <= total), spread evenly and deterministically."""
+    return (np.arange(n) * total // n).tolist() if n else []
+
+
 def build_dataset(name, split="train", image_size=64, data_path=None, data_dir="data", **glyph_kw):
     """The dataset called ``name`` (one of DATASETS) at ``image_size``; split is "train" or "test"."""
     if split not in ("train", "test"):

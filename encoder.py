@@ -18,6 +18,7 @@ import os
 import tempfile
 import warnings
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -316,3 +317,32 @@ class MoCoV3Encoder(FrozenEncoder):
 
     def _embed_and_tokens(self, xb):
         return self.model.forward_features(xb)  # (b, 1 + grid*grid, D): [CLS] and patch tokens after the final norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature quality (paper Table 5)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _on(a, dtype, device):
+    """A tensor, numpy array or list as a tensor of ``dtype`` on ``device``."""
+    return torch.as_tensor(a if torch.is_tensor(a) else np.asarray(a), dtype=dtype).to(device)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, temperature=0.07, chunk_size=1024,
+                 device="cpu"):
+    """(top-1, top-5) accuracy in [0, 1] of DINO's weighted KNN: cosine similarity to the training
+    features, the k nearest each add exp(sim / T) to their class, the best-scored classes are predicted."""
+    train = F.normalize(_on(train_feats, torch.float32, device), dim=1)  # (N, D)
+    test = F.normalize(_on(test_feats, torch.float32, device), dim=1)    # (Q, D)
+    train_y = _on(train_labels, torch.long, device)                      # (N,)
+    test_y = _on(test_labels, torch.long, device)                        # (Q,)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    k, top = min(k, len(train)), min(5, num_classes)
+    hits1 = hits5 = 0
+    for start in range(0, len(test), chunk_size):
+        sim, idx = (test[start:start + chunk_size] @ train.T).topk(k, dim=1)  # (b, k) each
+        votes = torch.zeros(len(sim), num_classes, device=device).scatter_add_(1, train_y[idx], (sim / temperature).exp())  # (b, classes)
+        hit = votes.topk(top, dim=1).indices == test_y[start:start + chunk_size, None]  # (b, top)
+        hits1 += hit[:, 0].sum().item()
+        hits5 += hit.any(dim=1).sum().item()
+    return hits1 / len(test), hits5 / len(test)

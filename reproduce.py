@@ -151,7 +151,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
 def reference_images(test_set, n):
     """The ``n`` held-out glyphs that ``sample.py --reference data:glyphs:test --n n`` resamples, as its .npz
     stores them: uint8 (n, H, W, 3)."""
-    x = torch.stack([test_set[i][0] for i in evaluate.evenly_spaced(len(test_set), n)])  # (n, 1, H, W)
+    x = torch.stack([test_set[i][0] for i in data.evenly_spaced(len(test_set), n)])  # (n, 1, H, W)
     return np.repeat(data.to_uint8(x), 3, -1)
 
 

@@ -26,7 +26,6 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
-import evaluate
 import hierarchy as H
 from denoiser import COND_PATHS, CONDS, load_denoiser
 from diffusion import SAMPLERS, Diffusion
@@ -171,11 +170,11 @@ def load_reference(spec, meta, image_size, n):
     how close the lower levels come to real images when the top levels are the images' own latents)."""
     channels = meta["target"][0] if meta["image_space"] == "pixels" else 3
     if spec.startswith("data:"):
-        name, split = evaluate.parse_data_spec(spec)  # imagenet and coco are read from data/<name>
+        name, split = data.parse_data_spec(spec)  # imagenet and coco are read from data/<name>
         ds = data.build_dataset(name, split, image_size)
         if n > len(ds):
             raise data.UsageError(f"--n {n} is more than the {len(ds)} images of {spec}")
-        return Subset(ds, evaluate.evenly_spaced(len(ds), n))
+        return Subset(ds, data.evenly_spaced(len(ds), n))
     if spec.startswith("glyph:"):
         for split in ("train", "test"):
             ds = data.build_dataset("glyphs", split, image_size)

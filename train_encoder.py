@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 import data
 import encoder
-import evaluate
 import hierarchy
 from encoder import preprocess
 
@@ -330,14 +329,14 @@ def knn_report(args, pretrained, after_training=False):
             return []
         raise data.UsageError(f"--data {args.data} has no class labels; KNN accuracy needs them (glyphs, class folders)")
     if args.knn_train:  # a quick check on evenly spaced training images
-        train_ds = torch.utils.data.Subset(train_ds, evaluate.evenly_spaced(len(train_ds), min(args.knn_train, len(train_ds))))
+        train_ds = torch.utils.data.Subset(train_ds, data.evenly_spaced(len(train_ds), min(args.knn_train, len(train_ds))))
     trained = make_frozen(args, pretrained)  # a bad weights path fails before any work
     encoders = {"random": make_frozen(args, None, getattr(trained, "cfg", None)), "trained": trained}
     rows = []
     for label in ("random", "trained"):
         train_f, train_y = dataset_features(encoders[label], train_ds)
         test_f, test_y = dataset_features(encoders[label], test_ds)
-        rows.append((label, *evaluate.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device)))
+        rows.append((label, *encoder.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device)))
     name = args.clip if args.objective == "clip" else f"MoCo-v3 ViT {trained.cfg}"
     print(f"KNN accuracy, K=20, {len(test_ds)} held-out {args.data} vs {len(train_ds)} train ({name})")
     print(f"{'weights':<10}{'top1':>8}{'top5':>8}")

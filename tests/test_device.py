@@ -74,7 +74,7 @@ def test_knn_follows_device():
         feats = enc.embed(x)                                                   # (6, D)
     assert feats.device.type == "meta" and set(seen) == {"meta"}
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):  # the vote counts are read back
-        evaluate.knn_accuracy(feats, torch.tensor([0, 1] * 3), feats, torch.tensor([0, 1] * 3), k=2, device="meta")
+        encoder.knn_accuracy(feats, torch.tensor([0, 1] * 3), feats, torch.tensor([0, 1] * 3), k=2, device="meta")
 
 
 def test_training_follows_device(workspace, monkeypatch):  # noqa: F811

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import encoder
 import evaluate
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,10 +142,10 @@ def test_read_npz_kinds_and_data_spec(tmp_path):
     assert evaluate.read_npz(tmp_path / "grey.npz")[1].shape == (3, 8, 8)
     kind, (m, s) = evaluate.read_npz(tmp_path / "ref.npz")
     assert kind == "stats" and np.array_equal(m, mu) and np.array_equal(s, sigma)
-    assert evaluate.parse_data_spec("data:glyphs:test") == ("glyphs", "test")
-    assert evaluate.parse_data_spec("data:glyphs") == ("glyphs", "train")
-    assert evaluate.parse_data_spec("data:folder:/a/b:c") == ("folder:/a/b:c", "train")
-    assert evaluate.parse_data_spec("data:folder:/a/b:test") == ("folder:/a/b", "test")
+    assert data.parse_data_spec("data:glyphs:test") == ("glyphs", "test")
+    assert data.parse_data_spec("data:glyphs") == ("glyphs", "train")
+    assert data.parse_data_spec("data:folder:/a/b:c") == ("folder:/a/b:c", "train")
+    assert data.parse_data_spec("data:folder:/a/b:test") == ("folder:/a/b", "test")
 
 
 @pytest.mark.parametrize("contents, message", [
@@ -217,9 +218,9 @@ def test_nan_statistics_are_refused_not_printed():
 
 
 def test_evenly_spaced():
-    assert evaluate.evenly_spaced(10, 10) == list(range(10))
-    assert evaluate.evenly_spaced(10, 4) == [0, 2, 5, 7]
-    assert evaluate.evenly_spaced(10, 0) == []
+    assert data.evenly_spaced(10, 10) == list(range(10))
+    assert data.evenly_spaced(10, 4) == [0, 2, 5, 7]
+    assert data.evenly_spaced(10, 0) == []
 
 
 def test_glyph_stats_key_follows_the_rendering_version(monkeypatch):
@@ -273,9 +274,9 @@ def test_knn_separable_clusters_are_perfect():
     train_y, test_y = np.repeat(np.arange(6), 30), np.repeat(np.arange(6), 10)
     train = centres[train_y] + 0.3 * rng.normal(size=(180, 8))
     test = centres[test_y] + 0.3 * rng.normal(size=(60, 8))
-    assert evaluate.knn_accuracy(train, train_y, test, test_y, k=20) == (1.0, 1.0)
+    assert encoder.knn_accuracy(train, train_y, test, test_y, k=20) == (1.0, 1.0)
     shuffled = rng.permutation(train_y)                                  # labels unrelated to features
-    assert evaluate.knn_accuracy(train, shuffled, test, test_y, k=20)[0] < 0.6
+    assert encoder.knn_accuracy(train, shuffled, test, test_y, k=20)[0] < 0.6
 
 
 def test_knn_weighted_vote_by_hand():
@@ -286,13 +287,13 @@ def test_knn_weighted_vote_by_hand():
     train = np.stack([np.cos(deg), np.sin(deg)], 1)
     train_y = np.array([1, 0, 0, 2])
     query, query_y = np.array([[1.0, 0.0]]), np.array([1])
-    assert evaluate.knn_accuracy(train, train_y, query, query_y, k=3, temperature=0.07) == (1.0, 1.0)
-    assert evaluate.knn_accuracy(train, train_y, query, query_y, k=3, temperature=1.0) == (0.0, 1.0)
+    assert encoder.knn_accuracy(train, train_y, query, query_y, k=3, temperature=0.07) == (1.0, 1.0)
+    assert encoder.knn_accuracy(train, train_y, query, query_y, k=3, temperature=1.0) == (0.0, 1.0)
     # cosine: feature scale does not matter; chunking does not matter; k larger than the train set is clipped
-    assert evaluate.knn_accuracy(7 * train, train_y, 0.1 * query, query_y, k=3, temperature=1.0) == (0.0, 1.0)
+    assert encoder.knn_accuracy(7 * train, train_y, 0.1 * query, query_y, k=3, temperature=1.0) == (0.0, 1.0)
     queries, labels = np.repeat(query, 3, 0), np.array([1, 0, 2])
-    assert evaluate.knn_accuracy(train, train_y, queries, labels, k=3, chunk_size=1) == pytest.approx((1 / 3, 1.0))
-    assert evaluate.knn_accuracy(train, train_y, queries, labels, k=100, temperature=0.07)[0] == pytest.approx(1 / 3)
+    assert encoder.knn_accuracy(train, train_y, queries, labels, k=3, chunk_size=1) == pytest.approx((1 / 3, 1.0))
+    assert encoder.knn_accuracy(train, train_y, queries, labels, k=100, temperature=0.07)[0] == pytest.approx(1 / 3)
 
 
 def test_knn_command(tmp_path, capsys):

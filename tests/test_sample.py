@@ -165,7 +165,7 @@ def test_dataset_reference_resamples_each_image_once(run, monkeypatch):
     spec = f"data:folder:{run / 'imgs'}:train"
     out = np.load(sample.main(sample_args(run, "--reference", spec, "--keep", "2", "--cfg", "0", "--n", "6",
                                           "--steps", "20")))["arr_0"].astype(np.float64)   # 2 batches of 4 + 2
-    refs = data.to_uint8(images[evaluate.evenly_spaced(len(images), 6)]).astype(np.float64)
+    refs = data.to_uint8(images[data.evenly_spaced(len(images), 6)]).astype(np.float64)
     assert np.abs(out - refs).mean(axis=(1, 2, 3)).max() < 1.0
     assert Image.open(run / "out" / "depth3-none-keep2.png").size == (4 * 18 + 2, 3 * 18 + 2)  # 6 pairs
     with pytest.raises(data.UsageError, match="more than the"):
