@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
+from encoder import Encoder, MoCoV3Encoder, WeightsUnavailable
 from denoiser import token_patch
 
 VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet): latents are scaled to about unit variance
@@ -164,7 +165,6 @@ def data_tag(name):
 def make_encoder(args, device=None):
     """The frozen encoder named by --encoder/--clip/--pretrained; "random" gives seeded untrained weights (ablations,
     tests). Offline, a hub tag that cannot be downloaded ends in one line naming the command that trains an encoder."""
-    from encoder import Encoder, MoCoV3Encoder, WeightsUnavailable  # torch-heavy model code only where needed
     device = device or args.device
     make = (lambda w: MoCoV3Encoder(w, device)) if args.encoder == "mocov3" else (lambda w: Encoder(args.clip, w, device))
     if args.pretrained != "random":
@@ -195,7 +195,6 @@ def make_text_encoder(args, device=None):
             raise data.UsageError(f"--encoder {args.encoder} has no text tower; pass --text-encoder NAME:WEIGHTS "
                                   "(an open_clip model, e.g. ViT-L-14:openai as in U-ViT)")
         return make_encoder(args, device)
-    from encoder import Encoder
     name, _, weights = args.text_encoder.partition(":")
     if weights not in ("", "random"):
         return Encoder(name, weights, device or args.device)
