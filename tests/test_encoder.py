@@ -1,7 +1,6 @@
 """Tests for encoder.py: crop operator C(x, M) (paper §3.3), frozen encoder features per level (§2.2), weights
 round trip, usage errors; the MoCo-v3 ViT against timm with a synthetic checkpoint in the official key format.
 Tiny random open_clip and timm configs, offline."""
-import json
 import warnings
 
 import open_clip
@@ -19,10 +18,8 @@ TINY = {"embed_dim": 64,
 
 
 @pytest.fixture(scope="module")
-def tiny_name(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny-test-clip.json"
-    path.write_text(json.dumps(TINY))
-    open_clip.add_model_config(path)
+def tiny_name():
+    encoder.register_model_config("tiny-test-clip", TINY)
     return "tiny-test-clip"
 
 

@@ -1,7 +1,6 @@
 """Tests for train_encoder.py: the MoCo-v3 objective (InfoNCE against its formula, momentum update and schedule,
 augmentations), its checkpoint read by the frozen encoder, exact resume; the CLIP step and lr schedule. Tiny configs."""
 import argparse
-import json
 
 import numpy as np
 import open_clip
@@ -185,10 +184,8 @@ def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_name(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny-te-clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(path)
+def tiny_name():
+    encoder.register_model_config("tiny-te-clip", TINY_CLIP)
     return "tiny-te-clip"
 
 
