@@ -85,6 +85,9 @@ def check_dataset_name(name):
     """UsageError unless ``name`` is one of DATASETS (folder:PATH with any PATH)."""
     if name not in DATASETS[:-1] and not name.startswith("folder:"):
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name.startswith("folder:") and not Path(name[len("folder:"):]).is_dir():
+        raise UsageError(f"image folder {name[len('folder:'):]} not found; --data folder:PATH takes a folder with one "
+                         "subfolder per class")
 
 
 def save_npz(path, **arrays):

@@ -189,3 +189,10 @@ def test_radical_class_by_character_or_kangxi_number(glyph_dir):
 def test_unknown_radical_is_one_line(bad):
     with pytest.raises(data.UsageError, match="is not a Kangxi radical; give the radical"):
         data.radical_class(bad)
+
+
+def test_missing_image_folder_is_named_before_any_work(tmp_path):
+    """--data folder:PATH is checked with the other flags, before an encoder is loaded or a cache folder made."""
+    data.check_dataset_name(f"folder:{tmp_path}")
+    with pytest.raises(data.UsageError, match=f"image folder {tmp_path / 'nope'} not found"):
+        data.check_dataset_name(f"folder:{tmp_path / 'nope'}")

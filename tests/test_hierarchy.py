@@ -268,8 +268,8 @@ def test_offline_hub_default_names_the_training_command(tmp_path, monkeypatch, c
 
 
 def test_mocov3_needs_weights_and_a_text_tower(tmp_path):
-    args = H.get_parser().parse_args(["--data", "folder:x", "--encoder", "mocov3"])
-    with pytest.raises(H.data.UsageError, match="train_encoder.py --objective mocov3 --train --data folder:x"):
+    args = H.get_parser().parse_args(["--data", f"folder:{tmp_path}", "--encoder", "mocov3"])
+    with pytest.raises(H.data.UsageError, match=f"train_encoder.py --objective mocov3 --train --data folder:{tmp_path}"):
         H.resolve_defaults(args)
     args = _args(tmp_path, "glyphs", 2, encoder="mocov3")
     with pytest.raises(H.data.UsageError, match="--text-encoder"):

@@ -228,6 +228,7 @@ def test_ema_decay_warms_up_to_the_paper_value():
     (("--data", "imagenett"), "unknown dataset 'imagenett'"),
 ])
 def test_flags_are_checked_before_any_cache_is_built(tmp_path, extra, message):
+    (tmp_path / "imgs").mkdir()  # the (empty) image folder exists: only the flag is wrong
     args = argv(tmp_path, 1, 3, "--steps", 1, *extra)
     args.cache_dir = str(tmp_path / "new-cache")
     with pytest.raises(data.UsageError, match=message):
