@@ -476,11 +476,10 @@ def prefetch(dataset, items, device, ahead=2):
     reduction, copy to ``device``) run ``ahead`` batches early in a background thread while the caller trains;
     the random part runs in the caller's thread in order, so the batches are those of a plain loop. On the CPU
     the batches are assembled in the caller's thread: there is no idle core to overlap with, and a second thread
-    only stalls the step's OpenMP team (the one-token glyph level ran at 0.40 of its model's rate with the
-    thread, 0.68 without; benchmarks/bench_train.py)."""
+    only stalls the step's OpenMP team (the one-token glyph level ran at 0.41 of its model's rate with the
+    thread, 0.62 without; benchmarks/bench_train.py)."""
     if torch.device(device).type == "cpu":
-        for idx, draw in items:
-            yield dataset.finish(dataset.load(idx, device), draw)
+        yield from (dataset.batch(idx, draw, device) for idx, draw in items)
         return
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
     pending = deque()

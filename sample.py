@@ -14,7 +14,6 @@ top K latent levels, resample the rest. ``--reference data:glyphs:test`` does it
     python sample.py --depth 3 --run runs/glyphs --reference glyph:水 --keep 2
 """
 import argparse
-import json
 import math
 import time
 from pathlib import Path

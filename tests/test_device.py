@@ -14,7 +14,6 @@ import torch
 
 import encoder
 import train_encoder
-import evaluate
 import reproduce
 import train
 from test_train import argv, workspace  # noqa: F401  (the fixture: a folder dataset and its latent cache)

@@ -13,7 +13,6 @@ from PIL import Image
 
 import data
 import encoder as enc
-import evaluate
 import hierarchy as H
 import sample
 import train
