@@ -522,10 +522,10 @@ def train_level(args, stop, locks):
             ema_update.wait()  # the checkpoint holds this step's EMA
             if not (log_now or save_now):
                 nan_watch.check()  # never checkpoint a non-finite model
-            if rank == 0 and save_now:
-                save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1))
-            if stopping:
+            if stopping:  # writes the checkpoint itself
                 stop.finish(rank, world, ckpt_path, snapshot(model, ema, opt, args, meta, step + 1), bar, log)
+            if rank == 0:
+                save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
