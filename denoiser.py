@@ -13,8 +13,10 @@ outputs exactly zero. The latent conditions and text keep U-ViT's in-context for
 
 ``cond_path`` chooses how the higher latent levels enter: "tokens" (the paper's in-context tokens),
 "adaln" (each level, flattened, through a linear map added to the adaLN vector c = t + Σ_l W_l z_l: DiT's
-strongest scheme, Fig. 5, and RCG's pixel generator, which takes its representation as c = t + Linear(rep))
-or "both". Each path has its own learned null for guidance.
+strongest scheme, Fig. 5, and RCG's pixel generator, which takes its representation as c = t + Linear(rep)),
+"both", or "grid" (not in the paper: each token of a higher level, embedded, is ADDED to the target tokens
+it covers, a 1×1 level to all of them, as a cascaded U-Net concatenates its low-resolution input; the
+sequence keeps the target's length). Each path has its own learned null for guidance.
 A level's checkpoint (its weights, EMA, optimiser state and the meta describing the model) is read and
 the model rebuilt here, so sampling and evaluation never import the training script.
 """
@@ -33,7 +35,7 @@ import data
 from data import UsageError
 from diffusion import guided_eps
 
-COND_PATHS = ("tokens", "adaln", "both")  # how higher latent levels enter the denoiser (see the module docstring)
+COND_PATHS = ("tokens", "adaln", "both", "grid")  # how higher latent levels enter the denoiser (see the module docstring)
 CONDS = ("none", "class", "text")  # conditioning modes: unconditional, class labels, text (paper §4)
 
 SIZES = {
@@ -74,6 +76,15 @@ def sincos_2d(width, h, w):
         out = pos.reshape(-1, 1) * omega  # (h*w, width/4)
         return torch.cat([out.sin(), out.cos()], dim=1)  # (h*w, width/2)
     return torch.cat([emb(cols), emb(rows)], dim=1).float()  # (h*w, width)
+
+
+def cover(z, h, w):
+    """(B, g*g, D) tokens of a g x g level -> (B, h*w, D): each token repeated over the (h/g) x (w/g) block of
+    the row-major h x w target tokens it covers (nearest upsampling)."""
+    B, N, D = z.shape
+    g = math.isqrt(N)
+    z = z.reshape(B, g, 1, g, 1, D).expand(B, g, h // g, g, w // g, D)  # (B, g, h/g, g, w/g, D)
+    return z.reshape(B, h * w, D)
 
 
 def modulate(x, shift, scale):
@@ -150,7 +161,7 @@ class Denoiser(nn.Module):
     """eps-prediction DiT for one level of the hierarchy, conditioned on all higher levels, class and text.
 
     Sequence = [target tokens | tokens of each higher level, top-down | text tokens]; only the target tokens
-    reach the output head. Text conditioning (COCO: the CLIP text tower's token states, shape
+    reach the output head. (With cond_path "grid" the higher levels are added to the target tokens instead.) Text conditioning (COCO: the CLIP text tower's token states, shape
     (N_text, D_text)) enters IN CONTEXT via Linear(D_text -> width) + learned positions, because the paper
     builds on U-ViT, which treats every condition -- time, label, text tokens (uvit_t2i), and here the
     higher latent levels -- as extra tokens (paper §3.2, shared/paper.md §3.2); adaLN could only take a
@@ -179,6 +190,7 @@ class Denoiser(nn.Module):
         self.num_classes, self.text_shape, self.p_uncond = num_classes, text_shape, p_uncond
         self.cond_path = cond_path
         self.cond_tokens, self.cond_adaln = cond_path in ("tokens", "both"), cond_path in ("adaln", "both")
+        self.cond_grid = cond_path == "grid"
 
         self.x_embedder = nn.Linear(patch * patch * C, width)
         self.register_buffer("pos_embed", sincos_2d(width, H // patch, W // patch)[None], persistent=False)  # (1, N, D)
@@ -189,11 +201,15 @@ class Denoiser(nn.Module):
             p = token_patch(m)
             if m != m2 or m % p:
                 raise UsageError(f"condition level {(c, m, m2)} must be a square grid divisible by patch {p}")
-            if self.cond_tokens:
+            if self.cond_grid and (H // patch % (m // p) or W // patch % (m // p)):
+                raise UsageError(f"condition level {(c, m, m2)} ({m // p}x{m // p} tokens) does not tile the "
+                                 f"target's {H // patch}x{W // patch} tokens; use --cond-path tokens")
+            if self.cond_tokens or self.cond_grid:
                 n = (m // p) ** 2
                 self.cond_embedders.append(nn.Linear(p * p * c, width))
-                self.cond_pos.append(nn.Parameter(torch.zeros(1, n, width)))
                 self.cond_null.append(nn.Parameter(torch.zeros(1, n, width)))
+            if self.cond_tokens:
+                self.cond_pos.append(nn.Parameter(torch.zeros(1, n, width)))
         if self.cond_adaln:  # one linear map per level from the whole flattened latent to the adaLN vector
             self.cond_vec = nn.ModuleList(nn.Linear(c * m * m2, width) for c, m, m2 in self.cond_shapes)
             self.cond_vec_null = nn.Parameter(torch.zeros(len(self.cond_shapes), width))
@@ -257,11 +273,12 @@ class Denoiser(nn.Module):
         B = x.shape[0]
         drop = self._drop_mask(B, x.device, force_drop)[:, None, None]  # (B, 1, 1)
         tokens = [self.x_embedder(patchify(x, self.patch)) + self.pos_embed]  # (B, N_x, D)
-        if self.cond_tokens:
-            levels = zip(conds, self.cond_shapes, self.cond_embedders, self.cond_pos, self.cond_null)
-            for z, (_, m, _), embed, pos, null in levels:
-                z = embed(patchify(z, token_patch(m)))  # (B, N_l, D)
-                tokens.append(torch.where(drop, null, z) + pos)  # (B, N_l, D)
+        for i, (z, (_, m, _)) in enumerate(zip(conds, self.cond_shapes) if self.cond_embedders else ()):
+            z = torch.where(drop, self.cond_null[i], self.cond_embedders[i](patchify(z, token_patch(m))))  # (B, N_l, D)
+            if self.cond_grid:
+                tokens[0] = tokens[0] + cover(z, H // self.patch, W // self.patch)  # (B, N_x, D)
+            else:
+                tokens.append(z + self.cond_pos[i])  # (B, N_l, D)
         if text is not None:
             text = self.text_embedder(text)  # (B, N_text, D)
             tokens.append(torch.where(drop, self.text_null, text) + self.text_pos)  # (B, N_text, D)

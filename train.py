@@ -544,7 +544,8 @@ def get_parser():
     p.add_argument("--model", choices=list(SIZES), default="B", help="denoiser size (B = the paper's width 768, depth 12)")
     p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
                    help="how higher latent levels enter the denoiser: tokens (the paper's in-context tokens), "
-                        "adaln (added to the adaLN vector, DiT's strongest scheme) or both")
+                        "adaln (added to the adaLN vector, DiT's strongest scheme), both, or grid (each token "
+                        "added to the target tokens it covers; not in the paper)")
     p.add_argument("--image-patch", type=int, default=None, help="patch of the image level (default: 2 for SD-VAE, H/16 for pixels)")
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ of each condition level, top-down (default: the paper's, per --cond: "

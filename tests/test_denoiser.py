@@ -169,3 +169,27 @@ def test_depth5_costs_at_most_30_percent_more_than_depth1_size_B():
     g = [gmacs(d) for d in range(1, 6)]
     assert all(a < b for a, b in zip(g, g[1:]))
     assert 1.15 < g[4] / g[0] <= 1.30
+
+
+def test_grid_path_adds_each_condition_token_to_the_target_tokens_it_covers():
+    # target 3x8x8 with patch 2: 4x4 tokens; conditions 1x1 (covers all) and 4x4 -> patch 2 -> 2x2 tokens
+    model = perturb(Denoiser((3, 8, 8), 2, cond_shapes=[(16, 1, 1), (8, 4, 4)], cond_path="grid")).eval()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([5, 900])
+    conds = [torch.randn(2, 16, 1, 1, generator=g), torch.randn(2, 8, 4, 4, generator=g)]
+    model(x, t, conds)
+    moved = conds[1].clone()
+    moved[:, :, :2, 2:] += 1.0  # the top-right 2x2 cell of the 4x4 level = its token (0, 1)
+    model(x, t, [conds[0], moved])
+    model(x, t, [conds[0] + 1.0, conds[1]])
+    base, right, top = (h.reshape(2, 4, 4, -1) for h in seen)  # (B, 4, 4, D): no extra tokens
+    changed = (right - base).abs().amax((0, 3)) > 1e-6  # (4, 4) target tokens the edit reached
+    assert changed[:2, 2:].all() and changed.sum() == 4  # exactly the 2x2 target tokens under that cell
+    assert ((top - base).abs().amax((0, 3)) > 1e-6).all()  # the 1x1 level reaches every target token
+    for drop, same in ((torch.ones(2, dtype=torch.bool), True), (torch.zeros(2, dtype=torch.bool), False)):
+        out = [model(x, t, c, force_drop=drop) for c in (conds, [conds[0], moved])]
+        assert torch.equal(*out) == same  # the null replaces the level under guidance
+    with pytest.raises(UsageError):
+        Denoiser((3, 6, 6), 2, cond_shapes=[(8, 4, 4)], cond_path="grid")  # 2x2 tokens do not tile 3x3
