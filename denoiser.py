@@ -17,6 +17,10 @@ strongest scheme, Fig. 5, and RCG's pixel generator, which takes its representat
 "both", or "grid" (not in the paper: each token of a higher level, embedded, is ADDED to the target tokens
 it covers, a 1×1 level to all of them, as a cascaded U-Net concatenates its low-resolution input; the
 sequence keeps the target's length). Each path has its own learned null for guidance.
+``text_path`` chooses how a caption enters: "tokens" (the paper's, U-ViT's in-context text tokens: the text
+tower's token states) or "adaln" (not in the paper: CLIP's pooled text embedding through a linear map added to
+the adaLN vector exactly as the class embedding is, as GLIDE and Imagen add a pooled text vector to the
+timestep embedding; a text-conditional step then costs what a class-conditional one does).
 A level's checkpoint (its weights, EMA, optimiser state and the meta describing the model) is read and
 the model rebuilt here, so sampling and evaluation never import the training script.
 """
@@ -36,6 +40,7 @@ from data import UsageError
 from diffusion import guided_eps
 
 COND_PATHS = ("tokens", "adaln", "both", "grid")  # how higher latent levels enter the denoiser (see the module docstring)
+TEXT_PATHS = ("tokens", "adaln")  # how a caption enters the denoiser (see the module docstring)
 CONDS = ("none", "class", "text")  # conditioning modes: unconditional, class labels, text (paper §4)
 
 SIZES = {
@@ -165,7 +170,8 @@ class Denoiser(nn.Module):
     (N_text, D_text)) enters IN CONTEXT via Linear(D_text -> width) + learned positions, because the paper
     builds on U-ViT, which treats every condition -- time, label, text tokens (uvit_t2i), and here the
     higher latent levels -- as extra tokens (paper §3.2, shared/paper.md §3.2); adaLN could only take a
-    pooled text vector and lose the per-token states, and U-ViT has no cross-attention.
+    pooled text vector and lose the per-token states, and U-ViT has no cross-attention. With text_path "adaln"
+    the denoiser takes that pooled vector instead (text_shape (D_text,)), added to the adaLN vector like a class.
 
     For classifier-free guidance every condition has a learned null: null tokens per latent level (same
     token count), the null class index num_classes, null text tokens. They are swapped in TOGETHER with one
@@ -173,12 +179,17 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, target_shape, patch, cond_shapes=(), num_classes=0, text_shape=None, size="tiny",
-                 p_uncond=0.1, mlp_ratio=4.0, cond_path="tokens"):
+                 p_uncond=0.1, mlp_ratio=4.0, cond_path="tokens", text_path="tokens"):
         super().__init__()
         if size not in SIZES:
             raise UsageError(f"unknown denoiser size {size!r}; choose one of {', '.join(SIZES)}")
         if cond_path not in COND_PATHS:
             raise UsageError(f"unknown condition path {cond_path!r}; choose one of {', '.join(COND_PATHS)}")
+        if text_path not in TEXT_PATHS:
+            raise UsageError(f"unknown text path {text_path!r}; choose one of {', '.join(TEXT_PATHS)}")
+        if text_shape is not None and len(text_shape) != (2 if text_path == "tokens" else 1):
+            raise UsageError(f"text path {text_path} does not take text of shape {tuple(text_shape)} "
+                             "(tokens: (N_text, D_text) token states; adaln: (D_text,) a pooled embedding)")
         if not 0.0 <= p_uncond <= 1.0:
             raise UsageError(f"p_uncond must be in [0, 1], got {p_uncond}")
         C, H, W = target_shape
@@ -188,7 +199,7 @@ class Denoiser(nn.Module):
         self.target_shape, self.patch, self.size = tuple(target_shape), patch, size
         self.cond_shapes = [tuple(s) for s in cond_shapes]
         self.num_classes, self.text_shape, self.p_uncond = num_classes, text_shape, p_uncond
-        self.cond_path = cond_path
+        self.cond_path, self.text_path = cond_path, text_path
         self.cond_tokens, self.cond_adaln = cond_path in ("tokens", "both"), cond_path in ("adaln", "both")
         self.cond_grid = cond_path == "grid"
 
@@ -214,11 +225,14 @@ class Denoiser(nn.Module):
             self.cond_vec = nn.ModuleList(nn.Linear(c * m * m2, width) for c, m, m2 in self.cond_shapes)
             self.cond_vec_null = nn.Parameter(torch.zeros(len(self.cond_shapes), width))
         self.y_embedder = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None  # index num_classes = null
-        if text_shape is not None:
+        if text_shape is not None and text_path == "tokens":
             n_text, d_text = text_shape
             self.text_embedder = nn.Linear(d_text, width)
             self.text_pos = nn.Parameter(torch.zeros(1, n_text, width))
             self.text_null = nn.Parameter(torch.zeros(1, n_text, width))
+        elif text_shape is not None:  # adaln: one pooled vector -> the adaLN vector, like y_embedder
+            self.text_embedder = nn.Linear(text_shape[0], width)
+            self.text_null = nn.Parameter(torch.zeros(1, width))
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(width, patch * patch * C)
         self.initialize_weights()
@@ -235,7 +249,7 @@ class Denoiser(nn.Module):
         if self.y_embedder is not None:
             embeddings.append(self.y_embedder.weight)
         if self.text_shape is not None:
-            embeddings += [self.text_pos, self.text_null]
+            embeddings += [self.text_pos, self.text_null] if self.text_path == "tokens" else [self.text_null]
         for p in embeddings:
             nn.init.normal_(p, std=0.02)
         for block in self.blocks:
@@ -267,7 +281,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x, t, conds=(), y=None, text=None, force_drop=None):
         """x (B, C, H, W) noisy target, t (B,) timesteps, conds: higher levels (B, C_l, M_l, M_l) top-down,
-        y (B,) class ids, text (B, N_text, D_text); returns eps (B, C, H, W)."""
+        y (B,) class ids, text (B, N_text, D_text) (text_path "adaln": (B, D_text)); returns eps (B, C, H, W)."""
         self._check_inputs(conds, y, text)
         C, H, W = self.target_shape
         B = x.shape[0]
@@ -279,7 +293,7 @@ class Denoiser(nn.Module):
                 tokens[0] = tokens[0] + cover(z, H // self.patch, W // self.patch)  # (B, N_x, D)
             else:
                 tokens.append(z + self.cond_pos[i])  # (B, N_l, D)
-        if text is not None:
+        if text is not None and self.text_path == "tokens":
             text = self.text_embedder(text)  # (B, N_text, D)
             tokens.append(torch.where(drop, self.text_null, text) + self.text_pos)  # (B, N_text, D)
         h = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
@@ -289,6 +303,8 @@ class Denoiser(nn.Module):
                 c = c + torch.where(drop[:, 0], null, vec(z.flatten(1)))  # (B, D)
         if y is not None:
             c = c + self.y_embedder(torch.where(drop[:, 0, 0], self.num_classes, y))  # (B, D)
+        if text is not None and self.text_path == "adaln":
+            c = c + torch.where(drop[:, 0], self.text_null, self.text_embedder(text))  # (B, D)
         for block in self.blocks:
             h = block(h, c)  # (B, N, D)
         out = self.final_layer(h[:, : self.pos_embed.shape[1]], c)  # (B, N_x, p*p*C)
@@ -315,7 +331,8 @@ def build_model(meta):
     """The Denoiser described by a level's ``meta`` (meta.json of its run folder, also stored in ckpt.pt)."""
     return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],
                     num_classes=meta["num_classes"], text_shape=meta["text_shape"] and tuple(meta["text_shape"]),
-                    size=meta["model"], p_uncond=meta["p_uncond"], cond_path=meta.get("cond_path", "tokens"))
+                    size=meta["model"], p_uncond=meta["p_uncond"], cond_path=meta.get("cond_path", "tokens"),
+                    text_path=meta.get("text_path", "tokens"))
 
 
 def save_checkpoint(path, obj):

@@ -185,6 +185,7 @@ class Encoder(FrozenEncoder):
         self.grid = visual.grid_size[0]
         self.text_shape = tuple(self.encode_text([""]).shape[1:])  # (context_length, text width)
         self.caption_states = {}  # caption -> (context_length, text width): the caption cache of cached_text
+        self.caption_embeddings = {}  # caption -> (D,): the cache of cached_text(pooled=True)
 
     def _embed(self, xb):
         return self.model.encode_image(xb)  # (b, D)
@@ -206,28 +207,33 @@ class Encoder(FrozenEncoder):
         return out["text_intermediates"][-1]
 
     @torch.no_grad()
-    def cache_captions(self, captions, chunk=256):
+    def cache_captions(self, captions, pooled=False, chunk=256):
         """Fill the caption cache: the captions not in it yet, sorted, through the text tower in chunks of
-        ``chunk``. Filled once with every caption of a training split, what is stored depends on that split
-        alone, not on the order batches came in (a resumed run reads the same states). Memory: one
-        (context_length, width) float32 array per caption, 0.4 GB for the glyph set's 17k distinct definitions
-        (COCO's 414k captions at ViT-B/16's 77 x 512 would need 65 GB)."""
-        todo = sorted(set(captions) - self.caption_states.keys())
+        ``chunk``; their token states (encode_text), or with ``pooled`` their pooled embeddings (embed_text).
+        Filled once with every caption of a training split, what is stored depends on that split alone, not on
+        the order batches came in (a resumed run reads the same states). Memory: one (context_length, width)
+        float32 array per caption, 0.4 GB for the glyph set's 17k distinct definitions (COCO's 414k captions
+        at ViT-B/16's 77 x 512 would need 65 GB); pooled, one D-vector (9 MB for the glyphs, 0.8 GB for COCO)."""
+        store, encode = (self.caption_embeddings, self.embed_text) if pooled else (self.caption_states, self.encode_text)
+        todo = sorted(set(captions) - store.keys())
         for k in tqdm(range(0, len(todo), chunk), desc="caption cache", unit="chunk", disable=len(todo) <= chunk):
             part = todo[k:k + chunk]
-            for caption, states in zip(part, self.encode_text(part)):
-                self.caption_states[caption] = states.clone()                       # (context_length, width)
+            for caption, states in zip(part, encode(part)):
+                store[caption] = states.clone()                     # (context_length, width), pooled (D,)
 
-    def cached_text(self, captions):
-        """encode_text through the caption cache: the frozen text tower runs once per distinct caption (a caption
-        not cached yet is encoded on first use), later batches read the stored states, so a text-conditional
-        step pays for its text tokens but not for the tower. (B, context_length, width)."""
-        self.cache_captions(captions)
-        return torch.stack([self.caption_states[c] for c in captions])
+    def cached_text(self, captions, pooled=False):
+        """encode_text (embed_text with ``pooled``) through the caption cache: the frozen text tower runs once per
+        distinct caption (a caption not cached yet is encoded on first use), later batches read the stored states,
+        so a text-conditional step pays for its text tokens but not for the tower. (B, context_length, width),
+        pooled (B, D)."""
+        self.cache_captions(captions, pooled)
+        store = self.caption_embeddings if pooled else self.caption_states
+        return torch.stack([store[c] for c in captions])
 
     @torch.no_grad()
     def embed_text(self, captions):
-        """Pooled, projected text embedding (B, D) (CLIP `encode_text`)."""
+        """Pooled, projected text embedding (B, D) (CLIP `encode_text`: the end-of-text token's final state
+        through the text projection), what --text-path adaln feeds the denoiser."""
         return self.model.encode_text(self.tokenizer(list(captions)).to(self.mean.device))
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data
 import hierarchy as H
-from denoiser import COND_PATHS, CONDS, load_denoiser
+from denoiser import COND_PATHS, CONDS, TEXT_PATHS, load_denoiser
 from diffusion import SAMPLERS, Diffusion
 
 CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
@@ -36,16 +36,18 @@ CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]
 # Finding and loading the levels of a depth-L model
 # ----------------------------------------------------------------------------------------------------
 
-def read_metas(run, cond, model=None, cond_path=None):
+def read_metas(run, cond, model=None, cond_path=None, text_path=None):
     """meta.json of every trained level (one with a checkpoint) in the folder ``run`` of this ``cond`` and size
-    whose latent conditions enter by ``cond_path`` (train.py --cond-path; the top level has none)."""
+    whose latent conditions enter by ``cond_path`` (train.py --cond-path; the top level has none) and whose
+    caption enters by ``text_path`` (train.py --text-path)."""
     metas = []
     for path in sorted(Path(run).glob("*/meta.json")):
         if (path.parent / "ckpt.pt").exists():
             remedy = "restore it, or delete its folder and retrain the level"
             metas.append(data.read_json(path, remedy) | {"dir": str(path.parent)})
     return [m for m in metas if m.get("cond") == cond and (model is None or m.get("model") == model)
-            and (cond_path is None or not m["cond_grids"] or m.get("cond_path", "tokens") == cond_path)]
+            and (cond_path is None or not m["cond_grids"] or m.get("cond_path", "tokens") == cond_path)
+            and (text_path is None or m.get("text_path", "tokens") == text_path)]
 
 
 def match_levels(metas, depth, sigma=None):
@@ -63,33 +65,35 @@ def match_levels(metas, depth, sigma=None):
             return level
         if len(match) > 1:
             raise data.UsageError(f"level {level} has {len(match)} trained versions in {Path(match[0]['dir']).parent} "
-                                  f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma, --model or --cond-path")
+                                  f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma, --model, "
+                                  "--cond-path or --text-path")
         found.append(match[0])
     return found
 
 
-def holds_model(run, depth, cond, model=None, sigma=None, cond_path=None):
+def holds_model(run, depth, cond, model=None, sigma=None, cond_path=None, text_path=None):
     """Whether the folder ``run`` holds every level of the model (in one version or several)."""
     try:
-        return isinstance(match_levels(read_metas(run, cond, model, cond_path), depth, sigma), list)
+        return isinstance(match_levels(read_metas(run, cond, model, cond_path, text_path), depth, sigma), list)
     except data.UsageError as e:  # several versions of a level, or a damaged meta.json
         return "trained versions" in str(e)
 
 
-def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None):
+def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None, text_path=None):
     """The run folders of levels L … 1 of a depth-L model in ``run``, top-down. ``sigma`` (σ_L … σ_2, as
     train.py --sigma for the image level) picks among versions trained with different condition noise:
     level l was trained with its first L − l values; ``cond_path`` picks among versions whose conditions
-    enter by another path (train.py --cond-path). When ``run`` lacks a level, the error names the
-    folders beside it that hold the whole model (make demo trains into runs/reproduce-quick)."""
+    enter by another path (train.py --cond-path), ``text_path`` those whose caption does (--text-path). When
+    ``run`` lacks a level, the error names the folders beside it that hold the whole model (make demo trains
+    into runs/reproduce-quick)."""
     if sigma is not None and len(sigma) != depth - 1:
         raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
-    metas = read_metas(run, cond, model, cond_path)
+    metas = read_metas(run, cond, model, cond_path, text_path)
     found = match_levels(metas, depth, sigma)
     if isinstance(found, list):
         return found
     elsewhere = [str(d) for d in sorted(Path(run).parent.glob("*")) if d.is_dir() and d != Path(run)
-                 and holds_model(d, depth, cond, model, sigma, cond_path)]
+                 and holds_model(d, depth, cond, model, sigma, cond_path, text_path)]
     if elsewhere:
         raise data.UsageError(f"level {found} of depth {depth} ({cond}) is not trained in {run}, but the whole model "
                               f"is in {' and '.join(elsewhere)}: pass --run-dir {elsewhere[0]}")
@@ -137,19 +141,28 @@ def condition_gamma(gamma, w):
 
 @torch.no_grad()
 def sample_batch(levels, weights, n, args, device, generator, y=None, text=None, kept=()):
-    """Generate one batch top-down; ``kept`` are fixed top latents (B, C, M, M). Returns the list of levels
-    and the seconds spent per level."""
+    """Generate one batch top-down; ``text`` holds each level's text input (level_texts), ``kept`` are fixed
+    top latents (B, C, M, M). Returns the list of levels and the seconds spent per level."""
     zs, seconds = list(kept), []
     for k, (model, diffusion, meta) in enumerate(levels):
         start = time.time()
         if k >= len(kept):
             gamma = condition_gamma(args.gamma, weights[k])
-            eps = level_eps(model, zs, meta["sigmas"], y, text, weights[k], gamma, diffusion.T, generator)
+            text_k = text[k] if text else None
+            eps = level_eps(model, zs, meta["sigmas"], y, text_k, weights[k], gamma, diffusion.T, generator)
             clip = 1.0 if meta["target_image"] and meta["image_space"] == "pixels" else None
             zs.append(diffusion.sample(eps, (n, *meta["target"]), args.steps, args.sampler, args.eta, generator,
                                        clip=clip, device=device))
         seconds.append(time.time() - start)
     return zs, seconds
+
+
+def level_texts(encoder, prompts, metas):
+    """Each level's text input for ``prompts``, top-down: the text tower's token states (B, N_text, D_text), or
+    CLIP's pooled embedding (B, D) where the level takes its caption through adaLN (train.py --text-path adaln)."""
+    pooled = [m.get("text_path") == "adaln" for m in metas]
+    states = {p: encoder.embed_text(prompts) if p else encoder.encode_text(prompts) for p in set(pooled)}
+    return [states[p] for p in pooled]
 
 
 def decode(z, vae, scale=H.VAE_SCALE):
@@ -257,7 +270,7 @@ def check_levels(args, metas):
 def main(args):
     check_flags(args)
     device = torch.device(args.device)
-    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma, args.cond_path)
+    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma, args.cond_path, args.text_path)
     check_levels(args, metas)
     class_id = class_index(args.class_id, metas[0]) if args.class_id is not None else None
     weights = cfg_weights(args.cfg, args.cond, args.depth)
@@ -285,7 +298,7 @@ def main(args):
         if args.cond == "text":
             prompts = [args.prompt] * n if args.prompt is not None else \
                 [captions[(start + i) % len(captions)][0] for i in range(n)]
-            text = text_encoder.encode_text(prompts)
+            text = level_texts(text_encoder, prompts, metas)
         kept = []
         if args.reference:
             x = reference_batch(refs, start, n).to(device)  # a shared reference is encoded once, not n times
@@ -326,6 +339,8 @@ def get_parser():
                    help="σ_L … σ_2 (top-down) the levels were trained with, when a level has several versions")
     p.add_argument("--cond-path", choices=COND_PATHS, default=None,
                    help="how the levels take their conditions (train.py --cond-path), when several versions exist")
+    p.add_argument("--text-path", choices=TEXT_PATHS, default=None,
+                   help="how the levels take their caption (train.py --text-path), when several versions exist")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps per level")

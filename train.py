@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 import hierarchy as H
-from denoiser import COND_PATHS, CONDS, SIZES, build_model, count_params, load_checkpoint, save_checkpoint
+from denoiser import COND_PATHS, CONDS, SIZES, TEXT_PATHS, build_model, count_params, load_checkpoint, save_checkpoint
 from diffusion import SCHEDULES, Diffusion
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,19 +61,22 @@ def level_plan(args, hier):
     return levels[k], conds, sigmas
 
 
-def level_key(target, conds, sigmas, cond, model, cond_path="tokens"):
+def level_key(target, conds, sigmas, cond, model, cond_path="tokens", text_path="tokens"):
     """Run-folder name: what the level generates, what it is conditioned on (with σ and, unless it is the
-    paper's in-context tokens, the condition path), mode and size."""
+    paper's in-context tokens, the condition path), mode (with the text path unless it is the paper's) and size."""
     given = "+".join(f"{c.name}s{s:g}" for c, s in zip(conds, sigmas)) or "nothing"
     path = f"-{cond_path}" if conds and cond_path != "tokens" else ""
-    return f"{target.name}p{target.patch}-given-{given}{path}-{cond}-{model}"
+    mode = f"{cond}-{text_path}" if cond == "text" and text_path != "tokens" else cond
+    return f"{target.name}p{target.patch}-given-{given}{path}-{mode}-{model}"
 
 
 def level_meta(args, hier, target, conds, sigmas):
-    """What a checkpoint records about its level: run key, shapes, σ, conditioning path, size, schedule, and
-    its cache (by name, and relative to the run folder, so the two can move together)."""
+    """What a checkpoint records about its level: run key, shapes, σ, conditioning and text paths, size, schedule,
+    and its cache (by name, and relative to the run folder, so the two can move together)."""
     cond_path = args.cond_path if conds else "tokens"  # the top level has no latent condition
-    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path)
+    text_path = args.text_path if args.cond == "text" else "tokens"
+    text = {"text_path": text_path} if args.cond == "text" else {}  # recorded for text runs only
+    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path, text_path)
     run = run_folder(args, key)
     return {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
             "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
@@ -81,7 +84,7 @@ def level_meta(args, hier, target, conds, sigmas):
             "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
             "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
             "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
-            "image_space": hier.meta["image_space"], "data": args.data}
+            "image_space": hier.meta["image_space"], "data": args.data, **text}
 
 
 def run_folder(args, key):
@@ -446,10 +449,11 @@ def train_level(args, stop, locks):
     ckpt_path = run / "ckpt.pt"
     if rank == 0:  # one writer per run folder
         locks.enter_context(data.folder_lock(run, "the run folder"))
-    encoder = None
+    encoder, pooled = None, args.text_path == "adaln"  # adaln: the pooled text embedding (D,), not the token states
     if args.cond == "text":  # the frozen text tower, run once per distinct caption (Encoder.cached_text)
         encoder = H.make_text_encoder(args, device)
-        meta["text_shape"], meta["text_encoder"] = list(encoder.text_shape), args.text_encoder
+        meta["text_shape"] = [encoder.dim] if pooled else list(encoder.text_shape)
+        meta["text_encoder"] = args.text_encoder
 
     state = previous_state(ckpt_path, meta, args)
     if state is not None and state["step"] >= args.steps:
@@ -475,7 +479,7 @@ def train_level(args, stop, locks):
 
     dataset = level_data(args, hier, target, conds)
     if encoder:  # the caption cache: every caption of the split through the text tower once, before step 1
-        encoder.cache_captions(c for caps in dataset.captions for c in caps)
+        encoder.cache_captions((c for caps in dataset.captions for c in caps), pooled)
     if rank == 0:  # the run folder exists: its lock is in it
         for name, obj in (("args.json", vars(args)), ("meta.json", meta)):
             data.atomic_write(run / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
@@ -493,7 +497,7 @@ def train_level(args, stop, locks):
     stop.armed = True  # from here a signal stops training after the current step, with a checkpoint
     for step, (x, zs, y, captions) in zip(bar, batches):
         t, noise, noisy, drop = step_draws(args, step, rank, world, x, zs, sigmas)
-        text = encoder.cached_text(captions) if encoder else None
+        text = encoder.cached_text(captions, pooled) if encoder else None
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         loss = level_loss(net, diffusion, x, t, noise, noisy, y if meta["num_classes"] else None, text, drop,
@@ -546,6 +550,10 @@ def get_parser():
                    help="how higher latent levels enter the denoiser: tokens (the paper's in-context tokens), "
                         "adaln (added to the adaLN vector, DiT's strongest scheme), both, or grid (each token "
                         "added to the target tokens it covers; not in the paper)")
+    p.add_argument("--text-path", choices=TEXT_PATHS, default="tokens",
+                   help="--cond text: how the caption enters the denoiser: tokens (the paper's in-context text "
+                        "tokens, the text tower's token states) or adaln (CLIP's pooled text embedding added to "
+                        "the adaLN vector like a class; not in the paper; a step costs what a class step does)")
     p.add_argument("--image-patch", type=int, default=None, help="patch of the image level (default: 2 for SD-VAE, H/16 for pixels)")
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ of each condition level, top-down (default: the paper's, per --cond: "

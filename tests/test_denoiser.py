@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data import UsageError
-from denoiser import SIZES, Denoiser, count_params, forward_gmacs, patchify, token_patch, unpatchify
+from denoiser import SIZES, Denoiser, build_model, count_params, forward_gmacs, patchify, token_patch, unpatchify
 
 # paper layout (shared/paper.md §2.2), top-down: z_5 1x1x256, z_4 2x2x128, z_3 4x4x64, z_2 8x8x32; image 4x32x32
 LATENTS = [(256, 1, 1), (128, 2, 2), (64, 4, 4), (32, 8, 8)]
@@ -193,3 +193,45 @@ def test_grid_path_adds_each_condition_token_to_the_target_tokens_it_covers():
         assert torch.equal(*out) == same  # the null replaces the level under guidance
     with pytest.raises(UsageError):
         Denoiser((3, 6, 6), 2, cond_shapes=[(8, 4, 4)], cond_path="grid")  # 2x2 tokens do not tile 3x3
+
+
+def test_adaln_text_path_takes_a_pooled_vector_exactly_as_the_class_embedding():
+    """text_path "adaln": a pooled text vector through Linear(D_text -> width) into the adaLN vector, its null
+    swapped in with the others. With the linear map holding a class model's embedding table and the null its
+    null row, one-hot texts give the class model's outputs, dropped or not; the sequence keeps its length."""
+    K, B = 5, 4
+    torch.manual_seed(0)
+    cls = perturb(Denoiser((3, 8, 8), 2, cond_shapes=[(8, 4, 4)], num_classes=K)).eval()
+    txt = Denoiser((3, 8, 8), 2, cond_shapes=[(8, 4, 4)], text_shape=(K,), text_path="adaln").eval()
+    shared = {k: v for k, v in cls.state_dict().items() if not k.startswith("y_embedder")}
+    table = cls.y_embedder.weight.detach()                                             # (K + 1, width)
+    txt.load_state_dict(shared | {"text_embedder.weight": table[:K].T, "text_embedder.bias": torch.zeros(table.shape[1]),
+                                  "text_null": table[K:]})
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(B, 3, 8, 8, generator=g), torch.randint(0, 1000, (B,), generator=g)
+    z, y = [torch.randn(B, 8, 4, 4, generator=g)], torch.tensor([0, 3, 4, 3])
+    drop = torch.tensor([False, True, False, True])
+    text = torch.nn.functional.one_hot(y, K).float()                                   # (B, K)
+    torch.testing.assert_close(txt(x, t, z, text=text, force_drop=drop), cls(x, t, z, y, force_drop=drop))
+    torch.testing.assert_close(txt.forward_with_cfg(x, t, z, text=text, w=1.5), cls.forward_with_cfg(x, t, z, y, w=1.5))
+    assert not hasattr(txt, "text_pos")
+    with pytest.raises(UsageError, match="does not take text of shape"):
+        Denoiser((3, 8, 8), 2, text_shape=(6, 12), text_path="adaln")
+    with pytest.raises(UsageError, match="unknown text path"):
+        Denoiser((3, 8, 8), 2, text_shape=(6,), text_path="pooled")
+
+
+def test_build_model_reads_the_text_path_and_old_metas_build_the_token_path():
+    """A checkpoint's meta rebuilds the model it was trained as: the adaln text path from "text_path", and a
+    meta written before that key existed as the paper's in-context text tokens (its weights load unchanged)."""
+    meta = {"target": [3, 8, 8], "patch": 2, "conds": [[8, 4, 4]], "num_classes": 0, "model": "tiny",
+            "p_uncond": 0.1, "cond_path": "tokens"}
+    torch.manual_seed(0)
+    pooled = Denoiser((3, 8, 8), 2, [(8, 4, 4)], text_shape=(7,), text_path="adaln")
+    rebuilt = build_model(meta | {"text_shape": [7], "text_path": "adaln"})
+    rebuilt.load_state_dict(pooled.state_dict())  # strict: the same parameters, the same shapes
+    assert rebuilt.text_path == "adaln" and rebuilt.text_null.shape == (1, SIZES["tiny"]["width"])
+    tokens = Denoiser((3, 8, 8), 2, [(8, 4, 4)], text_shape=(6, 12))
+    old = build_model(meta | {"text_shape": [6, 12]})                                  # no "text_path": before it existed
+    old.load_state_dict(tokens.state_dict())
+    assert old.text_path == "tokens" and old.text_pos.shape == (1, 6, SIZES["tiny"]["width"])

@@ -234,3 +234,18 @@ def test_caption_cache_runs_the_text_tower_once_per_caption(tiny_name):
     assert all(torch.equal(a.caption_states[c], b.caption_states[c]) for c in split)
     assert torch.equal(a.cached_text(["gold", "earth"]), torch.stack([real(["gold", "tree"])[0], real(["earth", "fire"])[0]]))
     assert len(calls) == 5                                                             # all read from the cache
+
+
+def test_pooled_caption_cache_holds_the_pooled_embeddings_apart_from_the_token_states(tiny_name):
+    """cached_text(pooled=True) (train.py --text-path adaln): CLIP's pooled text embedding of each caption, from
+    one tower pass per distinct caption, in a cache of its own; the token-state cache is left empty."""
+    a = make_encoder(tiny_name)
+    calls = []
+    real = a.embed_text
+    a.embed_text = lambda captions: calls.append(list(captions)) or real(captions)
+    first = a.cached_text(["water", "gold", "water"], pooled=True)                     # (3, 32)
+    again = a.cached_text(["gold", "tree"], pooled=True)
+    assert first.shape == (3, a.dim) and calls == [["gold", "water"], ["tree"]]
+    torch.testing.assert_close(first, real(["water", "gold", "water"]), rtol=1e-5, atol=1e-5)
+    assert torch.equal(again[0], first[1])
+    assert a.caption_embeddings.keys() == {"gold", "tree", "water"} and a.caption_states == {}

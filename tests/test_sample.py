@@ -302,9 +302,11 @@ def test_class_conditional_samples_draw_classes_evenly(run, monkeypatch):
     assert torch.cat(drawn).tolist() == [2] * 5
 
 
-def test_text_tower_other_than_the_image_encoder(tmp_path):
+@pytest.mark.parametrize("text_path, text_shape", [("tokens", [6, 24]), ("adaln", [32])])
+def test_text_tower_other_than_the_image_encoder(tmp_path, text_path, text_shape):
     """--text-encoder NAME:WEIGHTS: training records the text tower, sampling uses the same one (U-ViT's setup:
-    CLIP ViT-L/14 text tokens with another image encoder). A tiny COCO-format dataset, tiny random towers."""
+    CLIP ViT-L/14 text tokens with another image encoder). A tiny COCO-format dataset, tiny random towers. With
+    --text-path adaln the level trains on, records and samples from the pooled embedding (the tower's 32-d)."""
     enc.register_model_config("tiny-text-sample", {**TINY, "text_cfg": {**TINY["text_cfg"], "context_length": 6,
                                                                          "width": 24}})
     root = tmp_path / "coco"
@@ -322,10 +324,30 @@ def test_text_tower_other_than_the_image_encoder(tmp_path):
         "--pretrained", "random", "--text-encoder", "tiny-text-sample:random", "--min-crop", "8",
         "--image-space", "pixels", "--cache-dir", str(tmp_path / "cache"), "--level", "1", "--depth", "1",
         "--model", "tiny", "--batch-size", "4", "--steps", "2", "--cond", "text", "--device", "cpu",
-        "--run-dir", str(tmp_path / "runs"), "--image-patch", "4"])
+        "--run-dir", str(tmp_path / "runs"), "--image-patch", "4", "--text-path", text_path])
     meta = json.loads((train.train(args).parent / "meta.json").read_text())
-    assert meta["text_shape"] == [6, 24] and meta["text_encoder"] == "tiny-text-sample:random"
+    assert meta["text_shape"] == text_shape and meta["text_encoder"] == "tiny-text-sample:random"
+    assert meta["text_path"] == text_path and meta["key"].endswith("-text-adaln-tiny" if text_path == "adaln" else "-text-tiny")
     out = sample.main(sample.get_parser().parse_args([
         "--depth", "1", "--run-dir", str(tmp_path / "runs"), "--cond", "text", "--prompt", "water", "--n", "2",
         "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")]))
     assert np.load(out)["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_each_level_gets_the_text_input_of_its_text_path():
+    """level_texts: token states for the levels trained with the paper's text tokens (and metas older than
+    --text-path), the pooled embedding for --text-path adaln; each form encoded once per batch."""
+    class Tower:
+        calls = []
+
+        def encode_text(self, prompts):
+            self.calls.append("tokens")
+            return torch.zeros(len(prompts), 6, 24)
+
+        def embed_text(self, prompts):
+            self.calls.append("pooled")
+            return torch.ones(len(prompts), 32)
+    metas = [{"text_path": "adaln"}, {}, {"text_path": "tokens"}, {"text_path": "adaln"}]
+    texts = sample.level_texts(Tower(), ["gold", "water"], metas)
+    assert [tuple(t.shape) for t in texts] == [(2, 32), (2, 6, 24), (2, 6, 24), (2, 32)]
+    assert sorted(Tower.calls) == ["pooled", "tokens"]
