@@ -30,7 +30,7 @@ import hierarchy as H
 import sample
 import train
 import train_encoder
-from denoiser import COND_PATHS
+from denoiser import COND_PATHS, TEXT_PATHS
 
 PRESETS = {
     "quick": dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3),
@@ -145,7 +145,8 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
         "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
-        "--cond-path", args.cond_path, "--cond", cond] + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
+        "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path]
+        + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
 
 
 def reference_images(test_set, n):
@@ -302,7 +303,8 @@ def sample_args(args, cfg, runs, key, sigmas, n, out, prompt=None):
     return ["--depth", str(depth), "--run-dir", str(runs), "--cond", cond, "--n", str(n), "--batch", "128",
             "--steps", str(cfg["sample_steps"]), "--out", str(out), "--device", args.device, "--overwrite",
             "--model", cfg["model"], "--cond-path", args.cond_path] + ([] if guided else ["--cfg", "0"]) \
-        + (["--sigma", *map(str, sigmas)] if sigmas else []) + prompted
+        + (["--sigma", *map(str, sigmas)] if sigmas else []) + prompted \
+        + (["--text-path", args.text_path] if cond == "text" else [])
 
 
 def sample_cond(args, cfg, runs, key, sigmas, n, out, prompt=None):
@@ -318,7 +320,8 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
              f"Command: `python reproduce.py --preset {args.preset}` — machine: {evaluate.machine(args.device)} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
              f"Denoisers: size {cfg['model']}, {cfg['steps']} steps per level at batch {cfg['batch']}, condition path "
-             f"`{args.cond_path}`; DPM-Solver++(2M), {cfg['sample_steps']} steps per level. FID: {cfg['n_samples']} "
+             f"`{args.cond_path}`, text path `{args.text_path}`; DPM-Solver++(2M), {cfg['sample_steps']} steps per "
+             f"level. FID: {cfg['n_samples']} "
              f"samples per model (random radicals / held-out definitions) against the held-out glyphs. Adherence: "
              f"the share of {cfg['n_prompt']} samples per prompt whose radical, read by a CNN trained on the "
              f"training glyphs ({accuracy:.3f} accuracy on the held-out glyphs), is the prompted one."]
@@ -346,7 +349,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
         "fid": [{"cond": c, "depth": d, "guided": g, "fid": f} for (c, d, g), f in fids.items()],
         "adherence": [{"cond": c, "depth": d, "guided": g, "prompt": p, "radical": targets[c, p] + 1, "share": v}
                       for (c, d, g, p), v in shares.items()],
-        "classifier_accuracy": accuracy, "cond_path": args.cond_path, "timings_s": timings,
+        "classifier_accuracy": accuracy, "cond_path": args.cond_path, "text_path": args.text_path, "timings_s": timings,
         "machine": evaluate.machine(args.device)}, indent=1, ensure_ascii=False))
     print("\n" + "\n".join(lines))
 
@@ -365,6 +368,9 @@ def get_parser():
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
     p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
                    help="how the latent levels enter each denoiser (train.py --cond-path)")
+    p.add_argument("--text-path", choices=TEXT_PATHS, default="tokens",
+                   help="preset cond: how a caption enters each text-conditional denoiser (train.py --text-path: "
+                        "tokens, the paper's; adaln, the pooled embedding, a step costing what a class step does)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device of every stage (encoder training, cache, training, sampling, FID)")
     return p

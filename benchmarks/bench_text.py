@@ -11,7 +11,7 @@ tower every step) steps are interleaved so that all see the same machine load, a
 the steps. The ratios printed last are the image level's and the sum over the levels (one step of every level:
 what training the model costs).
 
-    python benchmarks/bench_text.py --size XS --batch 64 --depth 3 --steps 10 --threads 1
+    python benchmarks/bench_text.py --size XS --batch 64 --depth 3 --steps 3 --threads 1
 """
 import argparse
 import os

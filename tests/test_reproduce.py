@@ -48,14 +48,15 @@ def test_cond_preset_trains_each_mode_at_its_paper_sigma():
 
 
 def test_cond_sampling_flags_follow_the_mode_and_guidance():
-    cfg, args = reproduce.PRESETS["cond"], argparse.Namespace(device="cpu", cond_path="adaln")
+    cfg, args = reproduce.PRESETS["cond"], argparse.Namespace(device="cpu", cond_path="adaln", text_path="adaln")
     plain = reproduce.sample_args(args, cfg, "runs", ("class", 3, False), [0.5, 0.5], 64, "out", "金")
     assert plain[plain.index("--cfg") + 1] == "0" and plain[-2:] == ["--class", "金"]
     assert plain[plain.index("--sigma") + 1:plain.index("--sigma") + 3] == ["0.5", "0.5"]
     assert plain[plain.index("--cond-path") + 1] == "adaln" and plain[plain.index("--n") + 1] == "64"
     guided = reproduce.sample_args(args, cfg, "runs", ("text", 1, True), [], 500, "out")
     assert "--cfg" not in guided and "--sigma" not in guided and "--prompt" not in guided  # sample.CFG_DEFAULTS
-    assert guided[guided.index("--cond") + 1] == "text"
+    assert guided[guided.index("--cond") + 1] == "text" and guided[guided.index("--text-path") + 1] == "adaln"
+    assert "--text-path" not in plain  # a class model has no text path
     assert reproduce.slug(("class", 3, True), "金") == "class-depth3-cfg-167"
     assert reproduce.slug(("text", 1, False), "gold") == "text-depth1-nocfg-gold"
 
@@ -66,7 +67,7 @@ def test_cond_tables_put_each_number_in_its_cell(tmp_path):
     shares = {(c, d, g, p): (0.5 if g else 0.25) * d / 3 + 0.01 * k for (c, d, g) in fids
               for k, p in enumerate(reproduce.PROMPTS[c])}
     targets = {(c, p): k for c in cfg["conds"] for k, p in enumerate(reproduce.PROMPTS[c])}
-    args = argparse.Namespace(preset="cond", device="cpu", cond_path="tokens")
+    args = argparse.Namespace(preset="cond", device="cpu", cond_path="tokens", text_path="tokens")
     reproduce.write_cond_results(tmp_path, args, cfg, fids, shares, targets, 0.8, {"train": 60.0}, 120.0)
     text = (tmp_path / "results.md").read_text()
     lines = text.splitlines()
