@@ -238,7 +238,7 @@ class Denoiser(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT init: xavier linears, N(0, 0.02) embeddings/positions/nulls, zero adaLN and output layer."""
+        """DiT init: xavier linears, N(0, 0.02) embeddings/positions/nulls, zero adaLN, output layer and grid embedders."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -258,6 +258,10 @@ class Denoiser(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.cond_grid:  # added to the target tokens: start at zero (ControlNet's zero convolution), so a
+            for embed in self.cond_embedders:  # fresh model is the unconditional one and the noisy target is not drowned
+                nn.init.zeros_(embed.weight)
+                nn.init.zeros_(embed.bias)
 
     @property
     def has_conditions(self) -> bool:
