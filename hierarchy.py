@@ -15,7 +15,8 @@ Conditioning latents are made lossy with Gaussian noise (§3.3/§4.2): in traini
 sampling with guidance ẑ ~ N(z, (t/T)^γ σ² I) (the variance form of §4.2; Table 3 uses γ = 0.3).
 
 The cache holds the raw encoder features of every grid (float16, memory-mapped, one array per split
-and grid), labels and captions, and the PCA of each grid; the reduction is applied when a level is
+and grid; the whole-image embeddings once more in float32, which the KNN report reads), labels and
+captions, and the PCA of each grid; the reduction is applied when a level is
 read, so changing channel counts never re-runs the encoder; ``--reduced-cache`` also stores one depth's
 levels reduced (fp16, 7.7 KB per ImageNet image at depth 5 instead of 87 KB of raw features). With
 ``--image-space sd-vae`` the bottom level is the SD-VAE latent (diffusers' AutoencoderKL; latent scale 0.18215,
@@ -263,6 +264,13 @@ class Hierarchy:
     def features(self, split, grid):
         return self._read(f"{split}-{grid}.npy", mmap_mode="r")                       # (N, D, M, M) float16
 
+    def embeddings(self, split):
+        """The whole-image embeddings (N, D) in float32, the 1×1 level before its float16 rounding (what
+        ``train_encoder.py --knn --latent-cache`` reads instead of embedding the split again); None in a
+        cache written without them."""
+        name = f"{split}-embed.npy"
+        return self._read(name, mmap_mode="r") if (self.root / name).exists() else None
+
     def vae_moments(self, split):
         return self._read(f"{split}-vae.npy", mmap_mode="r")                          # (N, 8, h, w) float16
 
@@ -381,21 +389,24 @@ def _encode_split(ds, split, root, grids, encoder, vae, args):
     batch into .npy memmaps, so memory holds one batch whatever the dataset size. Each file is written
     under a temporary name and renamed when the split is complete: a killed run leaves no partial file."""
     loader = DataLoader(ds, batch_size=args.encode_batch, num_workers=args.workers)
-    names = [str(m) for m in grids] + (["vae"] if vae is not None else [])
+    names = [str(m) for m in grids] + (["embed"] if 1 in grids else []) + (["vae"] if vae is not None else [])
     tmps = {k: root / f"{split}-{k}.npy.tmp" for k in names}
     outs, i = {}, 0
     try:
         for x, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
             x = x.to(args.device)
-            batch = {str(m): f for m, f in encoder.features(x, grids, args.min_crop).items()}   # (B, D, m, m)
+            feats = encoder.features(x, grids, args.min_crop)
+            batch = {str(m): f for m, f in feats.items()}                                       # (B, D, m, m)
+            if 1 in feats:  # the whole-image embedding once more in float32: what the KNN report reads
+                batch["embed"] = feats[1].flatten(1)                                            # (B, D)
             if vae is not None:
                 dist = vae.encode(x.expand(-1, 3, -1, -1)).latent_dist
                 batch["vae"] = torch.cat([dist.mean, dist.std], 1)                              # (B, 8, h, w)
             for k, v in batch.items():
+                dtype = np.float32 if k == "embed" else np.float16
                 if k not in outs:
-                    outs[k] = np.lib.format.open_memmap(tmps[k], mode="w+", dtype=np.float16,
-                                                        shape=(len(ds), *v.shape[1:]))
-                outs[k][i:i + len(v)] = v.half().cpu().numpy()
+                    outs[k] = np.lib.format.open_memmap(tmps[k], mode="w+", dtype=dtype, shape=(len(ds), *v.shape[1:]))
+                outs[k][i:i + len(v)] = v.to(torch.float32 if k == "embed" else torch.float16).cpu().numpy()
             i += len(x)
         for k, out in outs.items():
             out.flush()

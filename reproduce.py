@@ -82,9 +82,10 @@ def main(args):
     timings["data"] = time.time() - t
 
     t = step("glyph CLIP")
-    mode = ["--train", "--steps", str(cfg["clip_steps"]), "--out"] if not Path(args.clip).exists() else ["--knn", "--pretrained"]
-    knn = train_encoder.main(["--objective", "clip"] + mode + [args.clip, "--image-size", str(IMAGE_SIZE),
-                                                               "--data-dir", args.data_dir, "--device", args.device])
+    encoder_argv = ["--objective", "clip", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+                    "--device", args.device]
+    if not Path(args.clip).exists():  # its KNN report comes after the latent cache, which embeds the same glyphs
+        train_encoder.main(encoder_argv + ["--train", "--skip-knn", "--steps", str(cfg["clip_steps"]), "--out", args.clip])
     timings["clip"] = time.time() - t
 
     t = step("latent cache")
@@ -93,8 +94,13 @@ def main(args):
     levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH)
     kept = {lv.name: hier.reduction(lv).kept for lv in levels if not lv.image}
     timings["cache"] = time.time() - t
-    if cfg.get("conds"):
+    if cfg.get("conds"):  # its results carry no KNN row
         return conditional(args, cfg, out, runs, timings, started)
+
+    t = step("glyph CLIP: KNN report")  # the trained row reads the cache's embeddings; the random row its own cache
+    knn = train_encoder.main(encoder_argv + ["--knn", "--pretrained", args.clip, "--latent-cache", str(hier.root),
+                                             "--cache-dir", args.cache_dir])
+    timings["knn"] = time.time() - t
 
     t = step("training")
     before = {p: p.stat().st_mtime for p in runs.glob("*/ckpt.pt")}

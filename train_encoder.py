@@ -21,14 +21,18 @@ network at its initialisation (random weights).
 """
 import argparse
 import copy
+import hashlib
+import json
 import math
 import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import open_clip
+import timm
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -320,7 +324,9 @@ def make_frozen(args, weights, vit_cfg=None):
 
 def knn_report(args, pretrained, after_training=False):
     """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed) vs `pretrained`.
-    A dataset without labels is a usage error, or after training a note that the report is skipped."""
+    The random row is read from <cache-dir>/knn/ when an earlier run computed it (random_row_path); the trained
+    row's embeddings from --latent-cache when given. A dataset without labels is a usage error, or after
+    training a note that the report is skipped."""
     train_ds = data.build_dataset(args.data, "train", args.image_size, args.data_path, args.data_dir)
     test_ds = data.build_dataset(args.data, "test", args.image_size, args.data_path, args.data_dir)
     if train_ds.num_classes == 0:
@@ -328,21 +334,82 @@ def knn_report(args, pretrained, after_training=False):
             print(f"--data {args.data} has no class labels: KNN report skipped")
             return []
         raise data.UsageError(f"--data {args.data} has no class labels; KNN accuracy needs them (glyphs, class folders)")
-    if args.knn_train:  # a quick check on evenly spaced training images
-        train_ds = torch.utils.data.Subset(train_ds, data.evenly_spaced(len(train_ds), min(args.knn_train, len(train_ds))))
     trained = make_frozen(args, pretrained)  # a bad weights path fails before any work
-    encoders = {"random": make_frozen(args, None, getattr(trained, "cfg", None)), "trained": trained}
-    rows = []
-    for label in ("random", "trained"):
-        train_f, train_y = dataset_features(encoders[label], train_ds)
-        test_f, test_y = dataset_features(encoders[label], test_ds)
-        rows.append((label, *encoder.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device)))
+    cached = cached_embeddings(args, pretrained)  # a mismatched --latent-cache too
+    keep = data.evenly_spaced(len(train_ds), min(args.knn_train, len(train_ds))) if args.knn_train else None
+    path = random_row_path(args, trained, train_ds, test_ds)
+    if keep is not None:  # a quick check on evenly spaced training images
+        train_ds = torch.utils.data.Subset(train_ds, keep)
+    if path.exists():
+        random_row = ("random", *json.loads(path.read_text())["top1_top5"])
+        print(f"random-weights row read from {path}")
+    else:
+        random_row = ("random", *knn_of(make_frozen(args, None, getattr(trained, "cfg", None)), train_ds, test_ds, args.device))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"top1_top5": random_row[1:]})))
+    if cached is None:
+        trained_row = ("trained", *knn_of(trained, train_ds, test_ds, args.device))
+    else:
+        (train_f, train_y), (test_f, test_y) = cached
+        if keep is not None:
+            train_f, train_y = train_f[keep], train_y[keep]
+        trained_row = ("trained", *encoder.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device))
+    rows = [random_row, trained_row]
     name = args.clip if args.objective == "clip" else f"MoCo-v3 ViT {trained.cfg}"
     print(f"KNN accuracy, K=20, {len(test_ds)} held-out {args.data} vs {len(train_ds)} train ({name})")
     print(f"{'weights':<10}{'top1':>8}{'top5':>8}")
     for label, top1, top5 in rows:
         print(f"{label:<10}{top1:>8.4f}{top5:>8.4f}")
     return rows
+
+
+def knn_of(enc, train_ds, test_ds, device):
+    """(top-1, top-5) KNN accuracy (K = 20) of the frozen encoder ``enc``: both splits embedded, test against train."""
+    train_f, train_y = dataset_features(enc, train_ds)
+    test_f, test_y = dataset_features(enc, test_ds)
+    return encoder.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=device)
+
+
+def dataset_id(ds):
+    """What identifies a dataset's contents: the glyph set's hash and rendering version, else its file list's hash."""
+    if hasattr(ds, "set_hash"):
+        return f"glyphs-{data.GLYPH_FORMAT}-{ds.set_hash}"
+    return hashlib.sha1("\n".join(map(str, getattr(ds, "paths", []))).encode()).hexdigest()[:12] + f"-{len(ds)}"
+
+
+def random_row_path(args, trained, train_ds, test_ds):
+    """<cache-dir>/knn/random-<hash>.json: the random-weights row, keyed by everything it depends on (objective,
+    architecture, seed, both splits' contents, image size, --knn-train, device type, the libraries that draw the
+    initial weights), so reruns and other presets with the same encoder family reuse it."""
+    arch = open_clip.get_model_config(args.clip) if args.objective == "clip" else trained.cfg
+    key = json.dumps([args.objective, arch, args.seed, args.data, dataset_id(train_ds), dataset_id(test_ds),
+                      args.image_size, args.knn_train, torch.device(args.device).type, torch.__version__,
+                      open_clip.__version__, timm.__version__], sort_keys=True)
+    return Path(args.cache_dir) / "knn" / f"random-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+
+
+def cached_embeddings(args, pretrained):
+    """((train feats (N, D), labels (N,)), (test feats, labels)) of `pretrained` from --latent-cache, or None when
+    no cache is given or it was written without embeddings; a UsageError when it is the cache of other weights,
+    another dataset or another image size."""
+    if args.latent_cache is None:
+        return None
+    hier = hierarchy.Hierarchy(args.latent_cache)
+    built = hier.meta["args"]
+    kind = "clip" if args.objective == "clip" else "mocov3"
+    same = (built["data"] == args.data and built["image_size"] == args.image_size and built["encoder"] == kind
+            and (kind != "clip" or built["clip"] == args.clip)
+            and os.path.abspath(str(built["pretrained"])) == os.path.abspath(str(pretrained)))
+    if not same:
+        raise data.UsageError(f"--latent-cache {args.latent_cache} holds the features of {built['encoder']} "
+                              f"{built['pretrained']} on {built['data']} at {built['image_size']} px, not of "
+                              f"{pretrained} on {args.data} at {args.image_size} px; drop --latent-cache")
+    feats = {split: hier.embeddings(split) for split in ("train", "test")}
+    if any(f is None for f in feats.values()):
+        print(f"{args.latent_cache} holds no float32 embeddings (an older cache): embedding the dataset")
+        return None
+    return tuple((torch.from_numpy(np.array(feats[split])), torch.from_numpy(hier.labels(split)))
+                 for split in ("train", "test"))
 
 
 def main(args):
@@ -372,6 +439,13 @@ def main(args):
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1; clip: on matrices only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the random-weights baseline "
                                                              "and the data order (default: 0)")
+    p.add_argument("--skip-knn", action="store_true", help="--train: train only, no KNN report (reproduce.py reports "
+                                                           "it after the latent cache, reading its embeddings)")
+    p.add_argument("--latent-cache", default=None,
+                   help="--knn: a latent cache folder (hierarchy.py) of the same weights, dataset and image size: the "
+                        "trained row reads its float32 whole-image embeddings instead of embedding the dataset again")
+    p.add_argument("--cache-dir", default="cache", help="the random-weights row is cached in <cache-dir>/knn/ "
+                                                        "(default: cache)")
     p.add_argument("--knn-train", type=int, default=0, help="KNN against this many evenly spaced training images "
                                                             "(0: all; a quick check)")
     clip = p.add_argument_group("clip")
@@ -403,7 +477,7 @@ def main(args):
     args.out = args.out or ("checkpoints/glyph-clip.pt" if clip_run else hierarchy.trained_encoder_path(args.data))
     if args.train:
         (train_clip if clip_run else train_mocov3)(args)
-        return knn_report(args, args.out, after_training=True)
+        return [] if args.skip_knn else knn_report(args, args.out, after_training=True)
     if args.pretrained is None:
         raise data.UsageError("--knn needs --pretrained PATH (e.g. checkpoints/glyph-clip.pt from --train)")
     return knn_report(args, args.pretrained)

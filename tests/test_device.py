@@ -97,6 +97,8 @@ def test_reproduce_hands_the_device_to_every_stage(tmp_path, monkeypatch):
         seen.setdefault(stage, set()).add(str(device))
 
     class Hier:
+        root = tmp_path / "c"
+
         def levels(self, depth, patch):
             return []
 

@@ -123,6 +123,10 @@ def test_cache_round_trip_and_reuse(tmp_path, tiny_encoder):
         torch.testing.assert_close(cached, tiny_encoder.level_features(x, m, 16), atol=2e-2, rtol=2e-3)
         cached = torch.from_numpy(hier.features("train", m)[-3:].astype(np.float32))
         torch.testing.assert_close(cached, tiny_encoder.level_features(last, m, 16), atol=2e-2, rtol=2e-3)
+    embeddings = hier.embeddings("train")  # the 1x1 level before its float16 rounding, for the KNN report
+    assert embeddings.dtype == np.float32 and embeddings.shape == (len(ds), hier.enc_dim)
+    assert np.array_equal(embeddings.astype(np.float16), hier.features("train", 1)[:, :, 0, 0])
+    torch.testing.assert_close(torch.from_numpy(embeddings[:4].copy()), tiny_encoder.embed(x))
     levels = hier.levels(4, image_patch=4)
     assert [lv.shape for lv in levels] == [(32, 1, 1), (16, 2, 2), (8, 4, 4), (3, 32, 32)]
     item = H.LevelData(hier, "train", levels, base=ds)[3]

@@ -1,6 +1,7 @@
 """reproduce.py's plan and tables: which models a preset trains, and that every FID lands in its own cell."""
 import argparse
 import json
+from pathlib import Path
 
 import reproduce
 
@@ -82,3 +83,54 @@ def test_cond_tables_put_each_number_in_its_cell(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {(r["cond"], r["depth"], r["guided"]): r["fid"] for r in saved["fid"]} == fids
     assert {(r["cond"], r["depth"], r["guided"], r["prompt"]): r["share"] for r in saved["adherence"]} == shares
+
+
+class _StopAfterKnn(Exception):
+    pass
+
+
+def _stages(tmp_path, monkeypatch, preset, clip_exists):
+    """The calls reproduce.main makes up to its first training run: ('encoder', argv) and ('cache',)."""
+    calls = []
+
+    class Hier:
+        root = tmp_path / "c" / "glyphs"
+
+        def levels(self, depth, patch):
+            return []
+    monkeypatch.setattr(reproduce.data, "build_dataset", lambda *a, **kw: [0, 1])
+    def encoder_main(argv):
+        calls.append(("encoder", argv))
+        if "--train" in argv:
+            Path(argv[argv.index("--out") + 1]).touch()
+        return []
+    monkeypatch.setattr(reproduce.train_encoder, "main", encoder_main)
+    monkeypatch.setattr(reproduce.H, "build_cache", lambda a: calls.append(("cache",)) or Hier())
+    monkeypatch.setattr(reproduce.train, "train", lambda a: (_ for _ in ()).throw(_StopAfterKnn()))
+    clip = tmp_path / "clip.pt"
+    if clip_exists:
+        clip.touch()
+    try:
+        reproduce.main(reproduce.get_parser().parse_args(
+            ["--preset", preset, "--device", "cpu", "--clip", str(clip), "--runs", str(tmp_path / "r"),
+             "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--data-dir", str(tmp_path / "d")]))
+    except _StopAfterKnn:
+        pass
+    return calls
+
+
+def test_knn_report_comes_after_the_latent_cache_and_reads_it(tmp_path, monkeypatch):
+    """One embedding pass of the trained glyph CLIP over the glyphs (the cache's), not two."""
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=False)
+    assert [c[0] for c in calls] == ["encoder", "cache", "encoder"]
+    train_argv, knn_argv = calls[0][1], calls[2][1]
+    assert "--train" in train_argv and "--skip-knn" in train_argv
+    assert "--knn" in knn_argv and knn_argv[knn_argv.index("--latent-cache") + 1] == str(tmp_path / "c" / "glyphs")
+    assert knn_argv[knn_argv.index("--cache-dir") + 1] == str(tmp_path / "c")   # where the random row is kept
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True)          # weights present: no training
+    assert [c[0] for c in calls] == ["cache", "encoder"] and "--knn" in calls[1][1]
+
+
+def test_cond_preset_runs_no_knn_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "conditional", lambda *a: None)  # its results hold no KNN row
+    assert [c[0] for c in _stages(tmp_path, monkeypatch, "cond", clip_exists=True)] == ["cache"]

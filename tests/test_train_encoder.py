@@ -1,6 +1,7 @@
 """Tests for train_encoder.py: the MoCo-v3 objective (InfoNCE against its formula, momentum update and schedule,
 augmentations), its checkpoint read by the frozen encoder, exact resume; the CLIP step and lr schedule. Tiny configs."""
 import argparse
+import json
 
 import numpy as np
 import open_clip
@@ -10,6 +11,7 @@ from PIL import Image
 
 import data
 import encoder
+import hierarchy
 import train_encoder as te
 
 TINY_CLIP = {"embed_dim": 64,
@@ -177,6 +179,67 @@ def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
     stamp = (tmp_path / "resumed.pt").stat().st_mtime_ns  # resuming a finished run changes nothing
     te.main(moco_argv(folder, tmp_path / "resumed.pt", "--steps", 4, "--resume", "--knn-train", 4))
     assert (tmp_path / "resumed.pt").stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KNN report: the random row's cache, the trained row from a latent cache
+# ---------------------------------------------------------------------------------------------------------------
+
+def knn_argv(folder, weights, cache_dir, *extra):
+    return ["--objective", "mocov3", "--knn", "--pretrained", str(weights), "--data", folder, "--image-size", "32",
+            "--device", "cpu", "--cache-dir", str(cache_dir), *map(str, extra)]
+
+
+@pytest.fixture()
+def count_embeddings(monkeypatch):
+    """Records every dataset embedding pass of the KNN report (one per row computed)."""
+    calls, real = [], te.knn_of
+    monkeypatch.setattr(te, "knn_of", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_random_row_is_cached_by_what_it_depends_on(folder, tmp_path, count_embeddings):
+    weights = tmp_path / "moco.pt"
+    assert te.main(moco_argv(folder, weights, "--steps", 1, "--skip-knn")) == [] and not count_embeddings
+    argv = knn_argv(folder, weights, tmp_path / "c")
+    fresh = te.main(argv)                                   # miss: both rows embedded, the random row stored
+    assert len(count_embeddings) == 2
+    files = list((tmp_path / "c" / "knn").glob("random-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["top1_top5"] == list(fresh[0][1:])
+    assert te.main(argv) == fresh and len(count_embeddings) == 3  # hit: the random row read, equal to the fresh one
+    te.main(argv + ["--seed", "1"])                         # another initialisation: a miss
+    te.main(argv + ["--knn-train", "20"])                   # another training subset: a miss
+    assert len(count_embeddings) == 7 and len(list((tmp_path / "c" / "knn").glob("random-*.json"))) == 3
+
+
+def test_trained_row_reads_the_latent_cache(folder, tmp_path, count_embeddings):
+    weights = tmp_path / "moco.pt"
+    te.main(moco_argv(folder, weights, "--steps", 1, "--skip-knn"))
+    args = hierarchy.get_parser().parse_args(["--data", folder, "--image-size", "32", "--encoder", "mocov3",
+                                              "--pretrained", str(weights), "--image-space", "pixels", "--depth", "2",
+                                              "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    hier = hierarchy.build_cache(hierarchy.resolve_defaults(args))
+    frozen = encoder.MoCoV3Encoder(str(weights))
+    for split in ("train", "test"):  # the float32 embeddings are those the report computes
+        feats, _ = te.dataset_features(frozen, data.build_dataset(folder, split, 32))
+        assert torch.equal(torch.from_numpy(np.array(hier.embeddings(split))), feats)
+    argv = knn_argv(folder, weights, tmp_path / "c")
+    fresh = te.main(argv)
+    assert len(count_embeddings) == 2
+    assert te.main(argv + ["--latent-cache", str(hier.root)]) == fresh and len(count_embeddings) == 2  # no pass at all
+    assert te.main(argv + ["--latent-cache", str(hier.root), "--knn-train", "20"])[1] == \
+        te.main(argv + ["--knn-train", "20"])[1]
+    other = tmp_path / "other.pt"
+    other.write_bytes(weights.read_bytes())
+    with pytest.raises(data.UsageError, match="drop --latent-cache"):  # the cache of other weights
+        te.main(knn_argv(folder, other, tmp_path / "c", "--latent-cache", str(hier.root)))
+    for split in ("train", "test"):  # a cache written before the embeddings were kept: the report embeds
+        (hier.root / f"{split}-embed.npy").unlink()
+    meta = json.loads((hier.root / "meta.json").read_text())
+    meta["files"] = {k: v for k, v in meta["files"].items() if "embed" not in k}
+    (hier.root / "meta.json").write_text(json.dumps(meta))
+    calls = len(count_embeddings)
+    assert te.main(argv + ["--latent-cache", str(hier.root)]) == fresh and len(count_embeddings) == calls + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
