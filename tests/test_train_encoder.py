@@ -40,7 +40,8 @@ def folder(tmp_path_factory):
 
 
 def moco_argv(folder, out, *extra):
-    return ["--objective", "mocov3", "--train", "--data", folder, "--out", str(out), *TINY_MOCO, *map(str, extra)]
+    return ["--objective", "mocov3", "--train", "--data", folder, "--out", str(out), *TINY_MOCO,
+            "--cache-dir", str(out.parent / "cache"), *map(str, extra)]  # the random KNN row is cached beside out
 
 
 # ---------------------------------------------------------------------------------------------------------------
