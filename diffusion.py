@@ -9,6 +9,10 @@ Implements the per-level diffusion of the paper (shared/paper.md §4-§5):
   DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), the paper's sampler (U-ViT's DPM-Solver++, 50 steps,
   paper.md §5) and our default.
 - Classifier-free guidance eps_c + w (eps_c - eps_u) (paper.md §5, U-ViT convention, w=0: no guidance).
+- What the network predicts: eps (the paper's) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022,
+  §4, "v-parameterisation"; not in the paper). The eps loss weights the x0 error by the SNR, which is ~0 near
+  t = T, exactly where a level's conditions decide the sample; the v loss weights it by 1 + SNR. Samplers and
+  guidance see eps either way (``to_eps``: exact and linear, so guiding v equals guiding eps).
 """
 import math
 
@@ -21,6 +25,7 @@ from data import UsageError
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SAMPLERS = ("dpm++", "ddim", "ddpm")
+PREDICTIONS = ("eps", "v")
 
 
 def make_betas(schedule: str, T: int = 1000) -> np.ndarray:
@@ -108,12 +113,14 @@ def guided_eps(eps_c, eps_u, w):
 class Diffusion:
     """Discrete-time Gaussian diffusion with T steps; float32 tables indexed by t (on the CPU until .to(device))."""
 
-    def __init__(self, schedule="scaled_linear", T=1000):
+    def __init__(self, schedule="scaled_linear", T=1000, prediction="eps"):
+        if prediction not in PREDICTIONS:
+            raise UsageError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         betas = make_betas(schedule, T)  # (T,) float64
         abar = np.cumprod(1 - betas)
         abar_prev = np.append(1.0, abar[:-1])
         f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-        self.schedule, self.T = schedule, T
+        self.schedule, self.T, self.prediction = schedule, T, prediction
         self.betas = f32(betas)
         self.alphas_cumprod = f32(abar)
         self.alphas_cumprod_prev = f32(abar_prev)
@@ -144,22 +151,32 @@ class Diffusion:
         mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, self._at(self.posterior_variance, t, x_t)
 
-    def loss(self, eps_fn, x0, generator=None, t=None, noise=None):
-        """Paper Eq. 3 for one level: t ~ U{0..T-1}, eps ~ N(0, I), mean of (eps_fn(x_t, t) - eps)^2.
+    def to_eps(self, out, x_t, t):
+        """The network's output as eps: itself, or from v: eps = sqrt(abar) v + sqrt(1 - abar) x_t."""
+        if self.prediction == "eps":
+            return out
+        return self._at(self.sqrt_alphas_cumprod, t, out) * out + self._at(self.sqrt_one_minus_alphas_cumprod, t, out) * x_t
+
+    def loss(self, net_fn, x0, generator=None, t=None, noise=None):
+        """Paper Eq. 3 for one level: t ~ U{0..T-1}, eps ~ N(0, I), mean of (net_fn(x_t, t) - target)^2 with
+        target eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 under v-prediction.
         t and noise may be given (train.py draws them for the global batch, so DDP matches one process)."""
         gen_device = x0.device if generator is None else generator.device
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)  # (B,)
         if noise is None:
             noise = _randn(x0.shape, generator, x0.device)
-        return F.mse_loss(eps_fn(self.q_sample(x0, t, noise), t), noise)
+        target = noise if self.prediction == "eps" else \
+            self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return F.mse_loss(net_fn(self.q_sample(x0, t, noise), t), target)
 
     @torch.no_grad()
-    def sample(self, eps_fn, shape, steps=50, sampler="dpm++", eta=0.0, generator=None, x_T=None, clip=None,
+    def sample(self, net_fn, shape, steps=50, sampler="dpm++", eta=0.0, generator=None, x_T=None, clip=None,
                progress=False, device="cpu"):
         """Draw x0 of `shape` by running `sampler` ("dpm++", "ddim" or "ddpm") over `steps` respaced timesteps.
 
-        eps_fn(x_t, t) gets t as a LongTensor (B,) of original timesteps in [0, T). x_T defaults to N(0, I)
+        net_fn(x_t, t) (the network: eps or v, see ``prediction``) gets t as a LongTensor (B,) of original
+        timesteps in [0, T). x_T defaults to N(0, I)
         drawn from `generator`; clip clamps the predicted x0 (1.0 for pixels, None for latents)."""
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -174,7 +191,8 @@ class Diffusion:
         for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress)):
             abar_t = float(abar[t])
             abar_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-            eps = eps_fn(x, torch.full((shape[0],), int(t), dtype=torch.long, device=device))
+            tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
+            eps = self.to_eps(net_fn(x, tt), x, tt)
             noise = _randn(shape, generator, device) if (sampler == "ddpm" or eta > 0) else 0.0  # no allocation
             if sampler == "dpm++":
                 x0 = _predict_x0(x, eps, abar_t, clip)

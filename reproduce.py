@@ -31,6 +31,7 @@ import sample
 import train
 import train_encoder
 from denoiser import COND_PATHS, TEXT_PATHS
+from diffusion import PREDICTIONS
 
 PRESETS = {
     "quick": dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3),
@@ -151,7 +152,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
         "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
-        "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path]
+        "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction]
         + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
 
 
@@ -174,10 +175,17 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
     npz = sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
-        "--overwrite", "--model", model, "--cond-path", args.cond_path] + (["--sigma", *map(str, sigmas)] if sigmas else [])
+        "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction] + (["--sigma", *map(str, sigmas)] if sigmas else [])
         + list(extra)))
     feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
     return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref), npz
+
+
+def command_line(args):
+    """The reproduce.py command of this run: the preset and the flags that change its models."""
+    flags = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in
+             (("cond_path", "tokens"), ("prediction", "eps"), ("text_path", "tokens")) if getattr(args, k) != default]
+    return " ".join(["python reproduce.py --preset", args.preset] + flags)
 
 
 def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reused, timings, total, baseline=None,
@@ -186,7 +194,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], "glyphs", [d], args.cond_path)) for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
-             f"Command: `python reproduce.py --preset {args.preset}` — machine: {evaluate.machine(args.device)} — "
+             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min)"
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Denoisers: size {cfg['model']}, "
@@ -232,7 +240,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
         "ratios": ratios, "baseline_1star": baseline, "unconditional_mse": unconditional,
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
-        "cond_path": args.cond_path, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
+        "cond_path": args.cond_path, "prediction": args.prediction, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
         indent=1))
     print("\n" + "\n".join(lines))
 
@@ -308,7 +316,7 @@ def sample_args(args, cfg, runs, key, sigmas, n, out, prompt=None):
     prompted = ["--class" if cond == "class" else "--prompt", prompt] if prompt is not None else []
     return ["--depth", str(depth), "--run-dir", str(runs), "--cond", cond, "--n", str(n), "--batch", "128",
             "--steps", str(cfg["sample_steps"]), "--out", str(out), "--device", args.device, "--overwrite",
-            "--model", cfg["model"], "--cond-path", args.cond_path] + ([] if guided else ["--cfg", "0"]) \
+            "--model", cfg["model"], "--cond-path", args.cond_path, "--prediction", args.prediction] + ([] if guided else ["--cfg", "0"]) \
         + (["--sigma", *map(str, sigmas)] if sigmas else []) + prompted \
         + (["--text-path", args.text_path] if cond == "text" else [])
 
@@ -323,7 +331,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
     guidance, then the adherence of each prompt."""
     deep = max(cfg["depths"])
     lines = [f"# Glyph reproduction, preset `{args.preset}`: class- and text-conditional models", "",
-             f"Command: `python reproduce.py --preset {args.preset}` — machine: {evaluate.machine(args.device)} — "
+             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
              f"Denoisers: size {cfg['model']}, {cfg['steps']} steps per level at batch {cfg['batch']}, condition path "
              f"`{args.cond_path}`, text path `{args.text_path}`; DPM-Solver++(2M), {cfg['sample_steps']} steps per "
@@ -374,6 +382,8 @@ def get_parser():
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
     p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
                    help="how the latent levels enter each denoiser (train.py --cond-path)")
+    p.add_argument("--prediction", choices=PREDICTIONS, default="eps",
+                   help="what every denoiser predicts (train.py --prediction): eps (the paper's) or v")
     p.add_argument("--text-path", choices=TEXT_PATHS, default="tokens",
                    help="preset cond: how a caption enters each text-conditional denoiser (train.py --text-path: "
                         "tokens, the paper's; adaln, the pooled embedding, a step costing what a class step does)")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 import hierarchy as H
 from denoiser import COND_PATHS, CONDS, TEXT_PATHS, load_denoiser
-from diffusion import SAMPLERS, Diffusion
+from diffusion import PREDICTIONS, SAMPLERS, Diffusion
 
 CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
 
@@ -36,18 +36,23 @@ CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]
 # Finding and loading the levels of a depth-L model
 # ----------------------------------------------------------------------------------------------------
 
-def read_metas(run, cond, model=None, cond_path=None, text_path=None):
-    """meta.json of every trained level (one with a checkpoint) in the folder ``run`` of this ``cond`` and size
-    whose latent conditions enter by ``cond_path`` (train.py --cond-path; the top level has none) and whose
-    caption enters by ``text_path`` (train.py --text-path)."""
+# what a level's meta.json says when it predates a version key (train.py's defaults, the paper's choices)
+VERSION_DEFAULTS = {"model": None, "cond_path": "tokens", "text_path": "tokens", "prediction": "eps"}
+
+
+def read_metas(run, cond, **versions):
+    """meta.json of every trained level (one with a checkpoint) in the folder ``run`` of this ``cond`` and the
+    given ``versions`` (keys of VERSION_DEFAULTS, None = any): size (--model), how latent conditions enter
+    (--cond-path; the top level has none), how the caption enters (--text-path), what the network predicts
+    (--prediction)."""
     metas = []
     for path in sorted(Path(run).glob("*/meta.json")):
         if (path.parent / "ckpt.pt").exists():
             remedy = "restore it, or delete its folder and retrain the level"
             metas.append(data.read_json(path, remedy) | {"dir": str(path.parent)})
-    return [m for m in metas if m.get("cond") == cond and (model is None or m.get("model") == model)
-            and (cond_path is None or not m["cond_grids"] or m.get("cond_path", "tokens") == cond_path)
-            and (text_path is None or m.get("text_path", "tokens") == text_path)]
+    def fits(m, key, want):
+        return want is None or (key == "cond_path" and not m["cond_grids"]) or m.get(key, VERSION_DEFAULTS[key]) == want
+    return [m for m in metas if m.get("cond") == cond and all(fits(m, k, v) for k, v in versions.items())]
 
 
 def match_levels(metas, depth, sigma=None):
@@ -66,34 +71,34 @@ def match_levels(metas, depth, sigma=None):
         if len(match) > 1:
             raise data.UsageError(f"level {level} has {len(match)} trained versions in {Path(match[0]['dir']).parent} "
                                   f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma, --model, "
-                                  "--cond-path or --text-path")
+                                  "--cond-path, --text-path or --prediction")
         found.append(match[0])
     return found
 
 
-def holds_model(run, depth, cond, model=None, sigma=None, cond_path=None, text_path=None):
+def holds_model(run, depth, cond, sigma=None, **versions):
     """Whether the folder ``run`` holds every level of the model (in one version or several)."""
     try:
-        return isinstance(match_levels(read_metas(run, cond, model, cond_path, text_path), depth, sigma), list)
+        return isinstance(match_levels(read_metas(run, cond, **versions), depth, sigma), list)
     except data.UsageError as e:  # several versions of a level, or a damaged meta.json
         return "trained versions" in str(e)
 
 
-def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None, text_path=None):
+def find_levels(run, depth, cond, sigma=None, **versions):
     """The run folders of levels L … 1 of a depth-L model in ``run``, top-down. ``sigma`` (σ_L … σ_2, as
     train.py --sigma for the image level) picks among versions trained with different condition noise:
-    level l was trained with its first L − l values; ``cond_path`` picks among versions whose conditions
-    enter by another path (train.py --cond-path), ``text_path`` those whose caption does (--text-path). When
+    level l was trained with its first L − l values; ``versions`` (read_metas) pick among versions of another
+    size, condition path, text path or prediction. When
     ``run`` lacks a level, the error names the folders beside it that hold the whole model (make demo trains
     into runs/reproduce-quick)."""
     if sigma is not None and len(sigma) != depth - 1:
         raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
-    metas = read_metas(run, cond, model, cond_path, text_path)
+    metas = read_metas(run, cond, **versions)
     found = match_levels(metas, depth, sigma)
     if isinstance(found, list):
         return found
     elsewhere = [str(d) for d in sorted(Path(run).parent.glob("*")) if d.is_dir() and d != Path(run)
-                 and holds_model(d, depth, cond, model, sigma, cond_path, text_path)]
+                 and holds_model(d, depth, cond, sigma, **versions)]
     if elsewhere:
         raise data.UsageError(f"level {found} of depth {depth} ({cond}) is not trained in {run}, but the whole model "
                               f"is in {' and '.join(elsewhere)}: pass --run-dir {elsewhere[0]}")
@@ -105,7 +110,7 @@ def find_levels(run, depth, cond, model=None, sigma=None, cond_path=None, text_p
 def load_level(meta, device, use_ema=True):
     """(denoiser in eval mode, its Diffusion) from a level's run folder."""
     model = load_denoiser(meta, Path(meta["dir"]) / "ckpt.pt", use_ema)
-    return model.to(device).eval(), Diffusion(meta["schedule"], meta["T"])
+    return model.to(device).eval(), Diffusion(meta["schedule"], meta["T"], meta.get("prediction", "eps"))
 
 
 def cfg_weights(cfg, cond, depth):
@@ -270,7 +275,8 @@ def check_levels(args, metas):
 def main(args):
     check_flags(args)
     device = torch.device(args.device)
-    metas = find_levels(args.run, args.depth, args.cond, args.model, args.sigma, args.cond_path, args.text_path)
+    metas = find_levels(args.run, args.depth, args.cond, args.sigma, model=args.model, cond_path=args.cond_path,
+                        text_path=args.text_path, prediction=args.prediction)
     check_levels(args, metas)
     class_id = class_index(args.class_id, metas[0]) if args.class_id is not None else None
     weights = cfg_weights(args.cfg, args.cond, args.depth)
@@ -341,6 +347,8 @@ def get_parser():
                    help="how the levels take their conditions (train.py --cond-path), when several versions exist")
     p.add_argument("--text-path", choices=TEXT_PATHS, default=None,
                    help="how the levels take their caption (train.py --text-path), when several versions exist")
+    p.add_argument("--prediction", choices=PREDICTIONS, default=None,
+                   help="what the levels' networks predict (train.py --prediction), when several versions exist")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps per level")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import hierarchy as H
 from denoiser import COND_PATHS, CONDS, SIZES, TEXT_PATHS, build_model, count_params, load_checkpoint, save_checkpoint
-from diffusion import SCHEDULES, Diffusion
+from diffusion import PREDICTIONS, SCHEDULES, Diffusion
 
 # ----------------------------------------------------------------------------------------------------
 # What a level is: its levels, its name, its model
@@ -61,13 +61,14 @@ def level_plan(args, hier):
     return levels[k], conds, sigmas
 
 
-def level_key(target, conds, sigmas, cond, model, cond_path="tokens", text_path="tokens"):
+def level_key(target, conds, sigmas, cond, model, cond_path="tokens", text_path="tokens", prediction="eps"):
     """Run-folder name: what the level generates, what it is conditioned on (with σ and, unless it is the
-    paper's in-context tokens, the condition path), mode (with the text path unless it is the paper's) and size."""
+    paper's in-context tokens, the condition path), mode (with the text path unless it is the paper's), size,
+    and the prediction unless it is the paper's eps."""
     given = "+".join(f"{c.name}s{s:g}" for c, s in zip(conds, sigmas)) or "nothing"
     path = f"-{cond_path}" if conds and cond_path != "tokens" else ""
     mode = f"{cond}-{text_path}" if cond == "text" and text_path != "tokens" else cond
-    return f"{target.name}p{target.patch}-given-{given}{path}-{mode}-{model}"
+    return f"{target.name}p{target.patch}-given-{given}{path}-{mode}-{model}" + ("" if prediction == "eps" else f"-{prediction}")
 
 
 def level_meta(args, hier, target, conds, sigmas):
@@ -76,11 +77,12 @@ def level_meta(args, hier, target, conds, sigmas):
     cond_path = args.cond_path if conds else "tokens"  # the top level has no latent condition
     text_path = args.text_path if args.cond == "text" else "tokens"
     text = {"text_path": text_path} if args.cond == "text" else {}  # recorded for text runs only
-    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path, text_path)
+    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path, text_path, args.prediction)
     run = run_folder(args, key)
     return {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
             "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
             "sigmas": sigmas, "cond": args.cond, "model": args.model, "p_uncond": args.p_uncond, "cond_path": cond_path,
+            "prediction": args.prediction,
             "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
             "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
             "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
@@ -270,7 +272,7 @@ def step_draws(args, step, rank, world, x, zs, sigmas):
 
 
 def level_loss(net, diffusion, x, t, noise, conds, y, text, drop, precision):
-    """Paper Eq. 3 for one batch (forward only): ε-MSE of the denoiser given the noisy conditions."""
+    """Paper Eq. 3 for one batch (forward only): ε-MSE (or v-MSE) of the denoiser given the noisy conditions."""
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     with amp:
         return diffusion.loss(lambda xt, tt: net(xt, tt, conds, y, text, drop), x, t=t, noise=noise)
@@ -471,7 +473,7 @@ def train_level(args, stop, locks):
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         set_rng_state(state["rng"])
-    diffusion = Diffusion(meta["schedule"], args.T).to(device)
+    diffusion = Diffusion(meta["schedule"], args.T, args.prediction).to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(ddp) if args.compile else ddp
     if device.type == "cuda":
@@ -562,6 +564,9 @@ def get_parser():
     p.add_argument("--schedule", choices=("auto",) + SCHEDULES, default="auto",
                    help="β schedule; auto = scaled_linear (paper), linear for pixel images")
     p.add_argument("--T", type=int, default=1000, help="diffusion steps")
+    p.add_argument("--prediction", choices=PREDICTIONS, default="eps",
+                   help="what the network predicts: eps (the paper's) or v (weights the x0 error by 1 + SNR rather "
+                        "than SNR, so high-noise steps, where the conditions matter, are learnt; not in the paper)")
     p.add_argument("--steps", type=int, default=500_000, help="training steps (paper: 500k)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=1024, help="global batch (paper: 1024)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")

@@ -81,7 +81,7 @@ def breakdown_and_model_only(targs, args, device):
     ema = deepcopy(model).requires_grad_(False)
     opt = train.make_optimizer(model, targs, device)
     net = torch.compile(model) if targs.compile else model
-    diffusion = Diffusion(meta["schedule"], targs.T).to(device)
+    diffusion = Diffusion(meta["schedule"], targs.T, targs.prediction).to(device)
     dataset = train.level_data(targs, hier, target, conds)
     nan_watch = train.NanWatch(0, device, "-")
     phases = Phases(device)

@@ -229,3 +229,38 @@ def test_guided_eps_closed_form():
     assert torch.equal(guided_eps(c, u, 0.0), c)
     torch.testing.assert_close(guided_eps(c, u, 1.0), 2 * c - u)
     torch.testing.assert_close(guided_eps(c, u, 0.4), torch.tensor([1.2, 1.6, -1.0]))
+
+
+def test_v_prediction_target_and_its_eps_round_trip():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022): the oracle v has zero loss, and to_eps turns
+    it back into the exact eps at every t, including t = T - 1 where the x0 weight of the eps loss vanishes."""
+    d = Diffusion("linear", prediction="v")
+    g = torch.Generator().manual_seed(6)
+    x0, eps = torch.randn(64, 2, 4, 4, generator=g), torch.randn(64, 2, 4, 4, generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    t[:4] = torch.tensor([0, 1, 500, 999])
+    a, s = (Diffusion._at(tab, t, x0) for tab in (d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod))
+    v = a * eps - s * x0
+    xt = d.q_sample(x0, t, eps)
+    assert d.loss(lambda x, tt: v, x0, t=t, noise=eps).item() == 0.0
+    assert d.loss(lambda x, tt: torch.zeros_like(x), x0, t=t, noise=eps).item() == pytest.approx(v.square().mean().item())
+    torch.testing.assert_close(d.to_eps(v, xt, t), eps, rtol=0, atol=1e-5)
+    assert torch.equal(Diffusion("linear").to_eps(v, xt, t), v)  # eps-prediction: the output is eps
+    with pytest.raises(UsageError):
+        Diffusion(prediction="x0")
+
+
+def test_v_prediction_samples_equal_eps_prediction_samples():
+    """The exact v of a Gaussian, sampled through to_eps, gives the exact-eps samples (same noise, every sampler)."""
+    mu, s = torch.tensor([1.0, -2.0, 0.5]), 0.7
+    d_eps, d_v = Diffusion("cosine"), Diffusion("cosine", prediction="v")
+    eps_fn = gaussian_eps(d_eps, mu, s)
+
+    def v_fn(xt, t):  # v = (eps - sqrt(1 - abar) x_t) / sqrt(abar), from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+        a, sig = (Diffusion._at(tab, t, xt) for tab in (d_v.sqrt_alphas_cumprod, d_v.sqrt_one_minus_alphas_cumprod))
+        return (eps_fn(xt, t) - sig * xt) / a
+
+    for sampler in ("dpm++", "ddim", "ddpm"):
+        x = [d.sample(f, (500, 3), steps=20, sampler=sampler, generator=torch.Generator().manual_seed(7))
+             for d, f in ((d_eps, eps_fn), (d_v, v_fn))]
+        torch.testing.assert_close(x[1], x[0], rtol=0, atol=1e-3)

@@ -285,7 +285,7 @@ def test_class_conditional_samples_draw_classes_evenly(run, monkeypatch):
     assert counts.min() == counts.max() == 50
     assert torch.bincount(sample.even_classes(7, 3)).tolist() == [3, 2, 2]
     metas = sample.find_levels(run / "runs", 3, "none")
-    monkeypatch.setattr(sample, "find_levels", lambda *a: [m | {"cond": "class", "num_classes": 3} for m in metas])
+    monkeypatch.setattr(sample, "find_levels", lambda *a, **kw: [m | {"cond": "class", "num_classes": 3} for m in metas])
     load = sample.load_level  # the trained levels are unconditional: load them as such, the sampler is recorded below
     monkeypatch.setattr(sample, "load_level", lambda meta, *a: load(meta | {"num_classes": 0}, *a))
     drawn = []
