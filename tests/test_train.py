@@ -17,6 +17,7 @@ from PIL import Image
 import data
 import encoder as enc
 import hierarchy as H
+import sample
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -387,3 +388,17 @@ def test_full_disk_while_saving_names_the_file_and_keeps_the_checkpoint(workspac
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and err[-1].startswith("error: cannot write the checkpoint (") and str(path) in err[-1]
     assert "the previous checkpoint is kept" in err[-1] and path.read_bytes() == before
+
+
+def test_v_prediction_run_is_its_own_version_and_samples_with_v(workspace):
+    """--prediction v trains to the v target (diffusion.Diffusion.loss), is recorded in meta.json and the run key,
+    and sample.py finds it beside the eps version only when asked which (no silent pick), then rebuilds its
+    Diffusion with v."""
+    paths = {p: train.train(argv(workspace, 1, 1, "--steps", 2, "--prediction", p, run="pred")) for p in ("eps", "v")}
+    assert paths["v"].parent.name == paths["eps"].parent.name + "-v"
+    assert json.loads((paths["v"].parent / "meta.json").read_text())["prediction"] == "v"
+    with pytest.raises(data.UsageError, match="--prediction"):
+        sample.find_levels(workspace / "pred", 1, "none")
+    for p in ("eps", "v"):
+        (meta,) = sample.find_levels(workspace / "pred", 1, "none", prediction=p)
+        assert Path(meta["dir"]) == paths[p].parent and sample.load_level(meta, "cpu")[1].prediction == p
