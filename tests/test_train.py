@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import encoder as enc
+import evaluate
 import hierarchy as H
 import sample
 import train
@@ -402,3 +403,13 @@ def test_v_prediction_run_is_its_own_version_and_samples_with_v(workspace):
     for p in ("eps", "v"):
         (meta,) = sample.find_levels(workspace / "pred", 1, "none", prediction=p)
         assert Path(meta["dir"]) == paths[p].parent and sample.load_level(meta, "cpu")[1].prediction == p
+
+
+def test_condition_use_reads_a_trained_level_on_held_out_items(workspace):
+    """evaluate.py conditions: x0 errors per t for true, shuffled and null conditions; they differ for a level
+    with conditions and, at t = 0 where x_t is x0 up to 1e-2 noise, all are near zero (clamped pixels)."""
+    path = train.train(argv(workspace, 1, 2, "--steps", 3, "--lr", "1e-2", run="use"))
+    table = evaluate.condition_use(path.parent, n=8, ts=(0, 300))
+    assert set(table) == {0, 300} and all(set(row) == {"true", "shuffled", "null"} for row in table.values())
+    assert table[300]["true"] != table[300]["shuffled"] and table[300]["true"] != table[300]["null"]
+    assert all(v < 1e-3 for v in table[0].values())
