@@ -285,7 +285,8 @@ class Denoiser(nn.Module):
 
     def forward(self, x, t, conds=(), y=None, text=None, force_drop=None):
         """x (B, C, H, W) noisy target, t (B,) timesteps, conds: higher levels (B, C_l, M_l, M_l) top-down,
-        y (B,) class ids, text (B, N_text, D_text) (text_path "adaln": (B, D_text)); returns eps (B, C, H, W)."""
+        y (B,) class ids, text (B, N_text, D_text) (text_path "adaln": (B, D_text)); returns the prediction
+        (eps, or v under diffusion.py's v-prediction) (B, C, H, W)."""
         self._check_inputs(conds, y, text)
         C, H, W = self.target_shape
         B = x.shape[0]
