@@ -332,6 +332,18 @@ class Denoiser(nn.Module):
 # Checkpoints: a level's denoiser on disk
 # ----------------------------------------------------------------------------------------------------
 
+def native_bf16(device) -> bool:
+    """Whether ``device`` computes bf16 natively, so that bf16 autocast is faster there: a CUDA GPU with bf16, or
+    a CPU with AVX-512-BF16 / AMX (on this project's Intel Xeon a glyph training step is 1.3x and a forward
+    1.7x faster; elsewhere bf16 on the CPU is emulated and slower). torch only reports it through
+    private helpers, so their absence reads as no."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)()
+                                        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def build_model(meta):
     """The Denoiser described by a level's ``meta`` (meta.json of its run folder, also stored in ckpt.pt)."""
     return Denoiser(tuple(meta["target"]), meta["patch"], [tuple(s) for s in meta["conds"]],

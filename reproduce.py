@@ -13,6 +13,7 @@ CPU float reductions and thread timing aside, all randomness is seeded).
     python reproduce.py --preset quick     # ~20 min on 2 CPU cores (make demo)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
+    python reproduce.py --preset recon     # quick + an image level trained with σ = 0 and its resamples (Fig. 4)
     python reproduce.py --preset cond      # class- and text-conditional depths 1 and 3: FID, prompt adherence
 """
 import argparse
@@ -30,7 +31,7 @@ import hierarchy as H
 import sample
 import train
 import train_encoder
-from denoiser import COND_PATHS, TEXT_PATHS
+from denoiser import COND_PATHS, TEXT_PATHS, native_bf16
 from diffusion import PREDICTIONS
 
 PRESETS = {
@@ -42,6 +43,11 @@ PRESETS = {
     # the full preset's depths 1 and 3 with twice the image-level budget (same encoder, same latent levels)
     "long": dict(clip_steps=500, clip_of="full", model="XS", steps=2000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
+    # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus a depth-3 image level trained
+    # with clean conditions, its FID, and the held-out glyphs resampled from all their latents through it
+    "recon": dict(clip_steps=30, clip_of="quick", runs_of="quick", model="XS", steps=800, latent_steps=800, batch=64,
+                  depths=(1, 3), n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(0.0,), guided=False,
+                  oracle_keep=(2,), oracle_sigmas=((0.0, 0.0),)),
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence
     "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64),
@@ -72,7 +78,8 @@ def main(args):
     cfg = PRESETS[args.preset]
     args.clip = args.clip or f"checkpoints/glyph-clip-{cfg.get('clip_of', args.preset)}.pt"
     out = Path(args.out or f"results/{args.preset}")
-    runs = Path(args.runs or f"runs/reproduce-{args.preset}")
+    runs = Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}")
+    args.precision = ("bf16" if native_bf16(args.device) else "fp32") if args.precision == "auto" else args.precision
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.time()
 
@@ -136,7 +143,7 @@ def main(args):
     oracle = {}  # (σ_L … σ_2, top levels kept) -> (FID, paired MSE)
     for sigmas in [default_sigmas(depth)] + [list(s) for s in cfg.get("oracle_sigmas", ())]:
         for keep in cfg.get("oracle_keep", ()) if sigmas == default_sigmas(depth) else [depth - 1]:
-            fid, npz = sample_fid(depth, sigmas, 0.0, runs / "samples" / f"oracle-{'-'.join(map(str, sigmas))}",
+            fid, npz = sample_fid(depth, sigmas, 0.0, out / f"oracle-{'-'.join(map(str, sigmas))}",
                                   extra=["--reference", "data:glyphs:test", "--keep", str(keep)])
             oracle[tuple(sigmas), keep] = fid, evaluate.paired_mse(np.load(npz)["arr_0"], refs)
     timings["sample+fid"] = time.time() - t
@@ -152,7 +159,8 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
         "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
-        "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction]
+        "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
+        "--precision", args.precision]
         + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
 
 
@@ -175,7 +183,8 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
     npz = sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
-        "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction] + (["--sigma", *map(str, sigmas)] if sigmas else [])
+        "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction,
+        "--precision", args.precision] + (["--sigma", *map(str, sigmas)] if sigmas else [])
         + list(extra)))
     feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
     return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref), npz
@@ -183,8 +192,8 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
 
 def command_line(args):
     """The reproduce.py command of this run: the preset and the flags that change its models."""
-    flags = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in
-             (("cond_path", "tokens"), ("prediction", "eps"), ("text_path", "tokens")) if getattr(args, k) != default]
+    flags = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("cond_path", "prediction", "text_path")
+             if getattr(args, k) != get_parser().get_default(k)]
     return " ".join(["python reproduce.py --preset", args.preset] + flags)
 
 
@@ -194,7 +203,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], "glyphs", [d], args.cond_path)) for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
-             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)} — "
+             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)}, {args.precision} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min)"
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Denoisers: size {cfg['model']}, "
@@ -240,7 +249,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
         "ratios": ratios, "baseline_1star": baseline, "unconditional_mse": unconditional,
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
-        "cond_path": args.cond_path, "prediction": args.prediction, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
+        "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
         indent=1))
     print("\n" + "\n".join(lines))
 
@@ -316,7 +325,8 @@ def sample_args(args, cfg, runs, key, sigmas, n, out, prompt=None):
     prompted = ["--class" if cond == "class" else "--prompt", prompt] if prompt is not None else []
     return ["--depth", str(depth), "--run-dir", str(runs), "--cond", cond, "--n", str(n), "--batch", "128",
             "--steps", str(cfg["sample_steps"]), "--out", str(out), "--device", args.device, "--overwrite",
-            "--model", cfg["model"], "--cond-path", args.cond_path, "--prediction", args.prediction] + ([] if guided else ["--cfg", "0"]) \
+            "--model", cfg["model"], "--cond-path", args.cond_path, "--prediction", args.prediction,
+        "--precision", args.precision] + ([] if guided else ["--cfg", "0"]) \
         + (["--sigma", *map(str, sigmas)] if sigmas else []) + prompted \
         + (["--text-path", args.text_path] if cond == "text" else [])
 
@@ -331,7 +341,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
     guidance, then the adherence of each prompt."""
     deep = max(cfg["depths"])
     lines = [f"# Glyph reproduction, preset `{args.preset}`: class- and text-conditional models", "",
-             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)} — "
+             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)}, {args.precision} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
              f"Denoisers: size {cfg['model']}, {cfg['steps']} steps per level at batch {cfg['batch']}, condition path "
              f"`{args.cond_path}`, text path `{args.text_path}`; DPM-Solver++(2M), {cfg['sample_steps']} steps per "
@@ -384,6 +394,9 @@ def get_parser():
                    help="how the latent levels enter each denoiser (train.py --cond-path)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="eps",
                    help="what every denoiser predicts (train.py --prediction): eps (the paper's) or v")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training and sampling arithmetic: auto = bf16 autocast where the device computes bf16 "
+                        "natively (CUDA; a CPU with AMX or AVX-512-BF16), else fp32")
     p.add_argument("--text-path", choices=TEXT_PATHS, default="tokens",
                    help="preset cond: how a caption enters each text-conditional denoiser (train.py --text-path: "
                         "tokens, the paper's; adaln, the pooled embedding, a step costing what a class step does)")

@@ -126,14 +126,15 @@ def cfg_weights(cfg, cond, depth):
 # Sampling
 # ----------------------------------------------------------------------------------------------------
 
-def level_eps(model, conds, sigmas, y, text, w, gamma, T, generator):
-    """ε(x_t, t) of one level on conditions noised as N(z, (t/T)^γ σ² I) (γ = inf: clean): plain when w = 0,
-    else CFG."""
+def level_eps(model, conds, sigmas, y, text, w, gamma, T, generator, precision="fp32"):
+    """The network's output (ε or v) at (x_t, t) for one level on conditions noised as N(z, (t/T)^γ σ² I)
+    (γ = inf: clean): plain when w = 0, else CFG; under bf16 autocast when ``precision`` is "bf16"."""
     def eps(x, t):
         noisy = [H.noise_sample(z, s, t, T, gamma, generator) for z, s in zip(conds, sigmas)]
-        if w == 0 or not model.has_conditions:
-            return model(x, t, noisy, y, text)
-        return model.forward_with_cfg(x, t, noisy, y, text, w)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if w == 0 or not model.has_conditions:
+                return model(x, t, noisy, y, text).float()
+            return model.forward_with_cfg(x, t, noisy, y, text, w).float()
     return eps
 
 
@@ -154,7 +155,8 @@ def sample_batch(levels, weights, n, args, device, generator, y=None, text=None,
         if k >= len(kept):
             gamma = condition_gamma(args.gamma, weights[k])
             text_k = text[k] if text else None
-            eps = level_eps(model, zs, meta["sigmas"], y, text_k, weights[k], gamma, diffusion.T, generator)
+            eps = level_eps(model, zs, meta["sigmas"], y, text_k, weights[k], gamma, diffusion.T, generator,
+                            args.precision)
             clip = 1.0 if meta["target_image"] and meta["image_space"] == "pixels" else None
             zs.append(diffusion.sample(eps, (n, *meta["target"]), args.steps, args.sampler, args.eta, generator,
                                        clip=clip, device=device))
@@ -347,6 +349,8 @@ def get_parser():
                    help="how the levels take their conditions (train.py --cond-path), when several versions exist")
     p.add_argument("--text-path", choices=TEXT_PATHS, default=None,
                    help="how the levels take their caption (train.py --text-path), when several versions exist")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 autocast of the denoisers (CUDA, or a CPU with native bf16 such as AMX: ~1.7x faster here)")
     p.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="what the levels' networks predict (train.py --prediction), when several versions exist")
     p.add_argument("--n", type=int, default=16, help="number of samples")

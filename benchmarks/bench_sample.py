@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hierarchy as H  # noqa: E402
 import sample  # noqa: E402
 from data import UsageError, run_main  # noqa: E402
-from denoiser import SIZES, Denoiser  # noqa: E402
+from denoiser import COND_PATHS, SIZES, Denoiser  # noqa: E402
 from diffusion import SAMPLERS, Diffusion  # noqa: E402
 from evaluate import LAYOUTS, cost_table, machine  # noqa: E402
 
 
-def glyph_levels(depth, size, device):
+def glyph_levels(depth, size, device, cond_path="tokens"):
     """[(denoiser, Diffusion, meta)] of a random-initialised depth-``depth`` glyph model, top-down."""
     enc_dim, image_shape, patch = LAYOUTS["glyphs"]
     levels = H.level_specs(depth, enc_dim, image_shape, patch)
@@ -36,7 +36,7 @@ def glyph_levels(depth, size, device):
         conds = levels[:k]
         meta = {"target": lv.shape, "sigmas": [H.sigma_for(c.grid, "none") for c in conds],
                 "target_image": lv.image, "image_space": "pixels"}
-        model = Denoiser(lv.shape, lv.patch, [c.shape for c in conds], size=size).to(device).eval()
+        model = Denoiser(lv.shape, lv.patch, [c.shape for c in conds], size=size, cond_path=cond_path).to(device).eval()
         out.append((model, Diffusion("linear" if lv.image else "scaled_linear"), meta))
     return out
 
@@ -62,7 +62,7 @@ def main(args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = {d: glyph_levels(d, args.model, device) for d in (1, args.depth)}
+    models = {d: glyph_levels(d, args.model, device, args.cond_path) for d in (1, args.depth)}
     times, cpu, per_level = {1: [], args.depth: []}, {1: [], args.depth: []}, []
     wall(models[args.depth], argparse.Namespace(**{**vars(args), "n": args.batch, "steps": 2}), device)  # warm-up
     for _ in range(args.repeats):
@@ -71,14 +71,14 @@ def main(args):
             times[d].append(seconds)
             cpu[d].append(cpu_seconds)
         per_level.append(levels)
-    gmacs = {d: sum(g for *_, g in cost_table(args.model, "glyphs", [d])) for d in (1, args.depth)}
+    gmacs = {d: sum(g for *_, g in cost_table(args.model, "glyphs", [d], args.cond_path)) for d in (1, args.depth)}
     print(f"machine: {machine(device)}")
     print(f"glyph layout, model {args.model}, {args.n} samples in batches of {args.batch}, {args.sampler} "
           f"{args.steps} steps per level, guidance w = {args.cfg:g}")
     for d in (1, args.depth):
         print(f"depth {d}: {statistics.median(times[d]):.2f} s (median of {args.repeats}: "
               f"{', '.join(f'{t:.2f}' for t in times[d])}), {gmacs[d]:.3f} forward GMACs per image")
-    costs = cost_table(args.model, "glyphs", [args.depth])
+    costs = cost_table(args.model, "glyphs", [args.depth], args.cond_path)
     print(f"depth {args.depth} per level (median): " + ", ".join(
         f"{name} {statistics.median(s):.2f} s ({g:.3f} GMACs)" for (_, _, name, _, g), s in zip(costs, zip(*per_level))))
     print(f"forward-GMAC ratio depth-{args.depth} / depth-1: {gmacs[args.depth] / gmacs[1]:.3f}")
@@ -100,6 +100,9 @@ def get_parser():
     p.add_argument("--gamma", type=float, default=0.3, help="decay of the condition noise under guidance")
     p.add_argument("--repeats", type=int, default=3, help="timings of each depth, alternating")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
+                   help="how each level takes the levels above it (train.py --cond-path; grid keeps the image level at 64 tokens)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (sample.py --precision)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return p
 

@@ -1,5 +1,4 @@
 """reproduce.py's plan and tables: which models a preset trains, and that every FID lands in its own cell."""
-import argparse
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
     cfg = reproduce.PRESETS["full"]
     fids = {(d, tuple(s), 0.0): 10.0 * d + 100 * (s[-1] if s else 0) for d, s in reproduce.models(cfg)}
     fids[2, (0.0,), reproduce.CFG], fids[3, (0.0, 0.5), reproduce.CFG] = 7.0, 8.0
-    args = argparse.Namespace(preset="full", device="cpu", cond_path="tokens", prediction="v", text_path="tokens")
+    args = reproduce.get_parser().parse_args(["--preset", "full", "--device", "cpu", "--prediction", "v", "--precision", "fp32"])
     oracle = {((0.0, 0.5), 1): (5.0, 0.1), ((0.0, 0.5), 2): (4.0, 0.05), ((0.0, 0.0), 2): (3.0, 0.02)}
     reproduce.write_results(tmp_path, args, cfg, 10, 2, [("random", 0.1, 0.2)], {"z1x1c64": 1.0}, fids,
                             oracle, ["a"], {"train": 60.0}, 120.0, baseline=40.0, unconditional=0.2)
@@ -50,7 +49,7 @@ def test_cond_preset_trains_each_mode_at_its_paper_sigma():
 
 
 def test_cond_sampling_flags_follow_the_mode_and_guidance():
-    cfg, args = reproduce.PRESETS["cond"], argparse.Namespace(device="cpu", cond_path="adaln", text_path="adaln", prediction="eps")
+    cfg, args = reproduce.PRESETS["cond"], reproduce.get_parser().parse_args(["--preset", "cond", "--device", "cpu", "--cond-path", "adaln", "--text-path", "adaln"])
     plain = reproduce.sample_args(args, cfg, "runs", ("class", 3, False), [0.5, 0.5], 64, "out", "金")
     assert plain[plain.index("--cfg") + 1] == "0" and plain[-2:] == ["--class", "金"]
     assert plain[plain.index("--sigma") + 1:plain.index("--sigma") + 3] == ["0.5", "0.5"]
@@ -69,7 +68,7 @@ def test_cond_tables_put_each_number_in_its_cell(tmp_path):
     shares = {(c, d, g, p): (0.5 if g else 0.25) * d / 3 + 0.01 * k for (c, d, g) in fids
               for k, p in enumerate(reproduce.PROMPTS[c])}
     targets = {(c, p): k for c in cfg["conds"] for k, p in enumerate(reproduce.PROMPTS[c])}
-    args = argparse.Namespace(preset="cond", device="cpu", cond_path="tokens", text_path="tokens", prediction="eps")
+    args = reproduce.get_parser().parse_args(["--preset", "cond", "--device", "cpu", "--precision", "fp32"])
     reproduce.write_cond_results(tmp_path, args, cfg, fids, shares, targets, 0.8, {"train": 60.0}, 120.0)
     text = (tmp_path / "results.md").read_text()
     lines = text.splitlines()
