@@ -18,7 +18,7 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
     cfg = reproduce.PRESETS["full"]
     fids = {(d, tuple(s), 0.0): 10.0 * d + 100 * (s[-1] if s else 0) for d, s in reproduce.models(cfg)}
     fids[2, (0.0,), reproduce.CFG], fids[3, (0.0, 0.5), reproduce.CFG] = 7.0, 8.0
-    args = reproduce.get_parser().parse_args(["--preset", "full", "--device", "cpu", "--prediction", "v", "--precision", "fp32"])
+    args = reproduce.get_parser().parse_args(["--preset", "full", "--device", "cpu", "--prediction", "eps", "--precision", "fp32"])
     oracle = {((0.0, 0.5), 1): (5.0, 0.1), ((0.0, 0.5), 2): (4.0, 0.05), ((0.0, 0.0), 2): (3.0, 0.02)}
     reproduce.write_results(tmp_path, args, cfg, 10, 2, [("random", 0.1, 0.2)], {"z1x1c64": 1.0}, fids,
                             oracle, ["a"], {"train": 60.0}, 120.0, baseline=40.0, unconditional=0.2)
@@ -35,7 +35,7 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {(r["depth"], tuple(r["sigmas"]), r["cfg"]): r["fid"] for r in saved["fid"]} == fids
     assert saved["ratios"] == {"depth3/depth1": 8.0, "depth3/1*": 2.0} and saved["unconditional_mse"] == 0.2
-    assert "Command: `python reproduce.py --preset full --prediction v` — " in lines[2] and saved["prediction"] == "v"
+    assert "Command: `python reproduce.py --preset full --prediction eps` — " in lines[2] and saved["prediction"] == "eps"
 
 
 def test_cond_preset_trains_each_mode_at_its_paper_sigma():
