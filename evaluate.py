@@ -287,9 +287,35 @@ def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="c
     return out
 
 
+def linear_readout(level_dir, n=512, ridge=1.0):
+    """(MSE of the mean training target, MSE of a ridge regression from the conditions, standardised and
+    flattened, to the target, fitted on the training split) on the same ``n`` held-out items as condition_use:
+    how much of the target its conditions carry linearly (same units as condition_use)."""
+    meta = data.read_json(Path(level_dir) / "meta.json", "retrain the level")
+    hier = hierarchy.locate_cache(meta, level_dir)
+    k = len(meta["conds"])
+    levels = hier.levels(max(meta["depth"], k + 1), meta["patch"])
+    pixels = levels[k].image and hier.meta["image_space"] == "pixels"
+    def split(name, idx=None):
+        base = data.build_dataset(meta["data"], name, hier.meta["image_shape"][-1]) if pixels else None
+        items = hierarchy.LevelData(hier, name, levels[:k + 1], base)
+        x0, zs, _, _ = items.batch(list(range(len(items))) if idx is None else idx(len(items)))
+        scale = 2 if pixels else 1  # pixels: errors on a [0, 1] scale
+        return torch.cat([z.flatten(1) for z in zs], 1).double(), x0.flatten(1).double() / scale
+    f_train, x_train = split("train")
+    f_test, x_test = split("test", lambda m: data.evenly_spaced(m, min(n, m)))
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+    a, b = (f_train - mu) / sd, (f_test - mu) / sd
+    mean = x_train.mean(0)
+    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (x_train - mean))
+    return float((x_test - mean).square().mean()), float((b @ w + mean - x_test).square().mean())
+
+
 def run_conditions(args):
     table = condition_use(args.level_dir, args.n, device=args.device)
-    print(f"x0 MSE of {Path(args.level_dir).name} on held-out items, given their conditions, shuffled ones, the nulls:")
+    mean, ridge = linear_readout(args.level_dir, args.n)
+    print(f"x0 MSE of {Path(args.level_dir).name} on held-out items, given their conditions, shuffled ones, the nulls "
+          f"(for scale: the mean training target {mean:.4f}; a ridge regression from the conditions {ridge:.4f}):")
     print("| t | true | shuffled | null |\n|---|---|---|---|")
     for t, row in table.items():
         print(f"| {t} | " + " | ".join(f"{row[k]:.4f}" for k in ("true", "shuffled", "null")) + " |")

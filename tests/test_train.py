@@ -413,3 +413,6 @@ def test_condition_use_reads_a_trained_level_on_held_out_items(workspace):
     assert set(table) == {0, 300} and all(set(row) == {"true", "shuffled", "null"} for row in table.values())
     assert table[300]["true"] != table[300]["shuffled"] and table[300]["true"] != table[300]["null"]
     assert all(v < 1e-3 for v in table[0].values())
+    mean, ridge = evaluate.linear_readout(path.parent, n=8)
+    assert 0 < ridge and 0 < mean
+    assert evaluate.linear_readout(path.parent, n=8, ridge=1e12) == pytest.approx((mean, mean), rel=1e-6)  # w -> 0
