@@ -334,8 +334,8 @@ class Denoiser(nn.Module):
 
 def native_bf16(device) -> bool:
     """Whether ``device`` computes bf16 natively, so that bf16 autocast is faster there: a CUDA GPU with bf16, or
-    a CPU with AVX-512-BF16 / AMX (on this project's Intel Xeon a glyph training step is 1.3x and a forward
-    1.7x faster; elsewhere bf16 on the CPU is emulated and slower). torch only reports it through
+    a CPU with AVX-512-BF16 / AMX (README, Speed: faster glyph training and sampling on this project's Intel
+    Xeon; elsewhere bf16 on the CPU is emulated and slower). torch reports the CPU's support only through
     private helpers, so their absence reads as no."""
     device = torch.device(device)
     if device.type == "cuda":

@@ -350,7 +350,7 @@ def get_parser():
     p.add_argument("--text-path", choices=TEXT_PATHS, default=None,
                    help="how the levels take their caption (train.py --text-path), when several versions exist")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 autocast of the denoisers (CUDA, or a CPU with native bf16 such as AMX: ~1.7x faster here)")
+                   help="bf16 autocast of the denoisers (CUDA, or a CPU with native bf16 such as AMX; README, Speed)")
     p.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="what the levels' networks predict (train.py --prediction), when several versions exist")
     p.add_argument("--n", type=int, default=16, help="number of samples")

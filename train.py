@@ -574,7 +574,7 @@ def get_parser():
     p.add_argument("--betas", type=float, nargs=2, default=(0.99, 0.99), help="AdamW betas (COCO: 0.9 0.9)")
     p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (CUDA)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (CUDA, or a CPU with native bf16 such as AMX; README, Speed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--run-dir", dest="run", default=None,
                    help="folder holding one sub-folder per trained level (default: runs/<data>)")

@@ -104,6 +104,10 @@ def test_guided_eps_uses_noisy_conditions_and_cfg(run):
     torch.testing.assert_close(noisy, model(x, t, [H.noise_sample(z, 0.5, t, 1000, 0.3, g) for z in conds]))
     assert sample.condition_gamma(None, 0.0) == float("inf") and sample.condition_gamma(None, 0.8) == 0.3
     assert sample.condition_gamma(0.5, 0.0) == 0.5
+    # bf16 autocast: the same function to bf16's precision, returned in fp32
+    half = sample.level_eps(model, conds, [0.5, 0.5], None, None, 0.7, float("inf"), 1000, None, "bf16")(x, t)
+    assert half.dtype == torch.float32 and not torch.equal(half, clean_cfg)
+    torch.testing.assert_close(half, clean_cfg, rtol=0, atol=0.05 * clean_cfg.abs().max().item())
 
 
 class NearestImage(torch.nn.Module):
