@@ -82,6 +82,25 @@ def test_ema_update_closed_form():
     torch.testing.assert_close(ema.running_mean, torch.full((3,), 5.0))  # buffers copied
 
 
+def test_ema_inline_and_in_background_pieces_agree_to_the_bit():
+    """EMAUpdate: inline on whole tensors (CPU) and in a background thread over 16384-element pieces (GPU)."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 7))  # 60,000-element weight: 4 pieces
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    emas = [torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 7)) for _ in range(2)]
+    emas[1].load_state_dict(emas[0].state_dict())
+    updates = [train.EMAUpdate(emas[0], model, background=False), train.EMAUpdate(emas[1], model, background=True)]
+    for decay in (0.2, 0.9, 0.999):
+        for u in updates:
+            u.update(decay)
+    updates[1].wait()
+    for a, b in zip(emas[0].parameters(), emas[1].parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(emas[0][0].weight, model[0].weight)
+
+
 def test_level_keys_reuse_upper_levels(workspace):
     hier = H.Hierarchy(next((workspace / "cache").iterdir()))
     key = {(d, l): train.level_key(*train.level_plan(argv(workspace, l, d), hier), "none", "tiny")
