@@ -13,6 +13,7 @@ CPU float reductions and thread timing aside, all randomness is seeded).
     python reproduce.py --preset quick     # ~20 min on 2 CPU cores (make demo)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
+    python reproduce.py --preset quick-long  # quick with 2x the image-level training
     python reproduce.py --preset recon     # quick + an image level trained with σ = 0 and its resamples (Fig. 4)
     python reproduce.py --preset cond      # class- and text-conditional depths 1 and 3: FID, prompt adherence
 """
@@ -43,6 +44,10 @@ PRESETS = {
     # the full preset's depths 1 and 3 with twice the image-level budget (same encoder, same latent levels)
     "long": dict(clip_steps=500, clip_of="full", model="XS", steps=2000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
+    # the quick preset with twice the image-level budget (its encoder; seeded with a copy of its run folder, only
+    # the image levels' second 800 steps are trained: under the constant learning rate that equals 1,600 from scratch)
+    "quick-long": dict(clip_steps=30, clip_of="quick", model="XS", steps=1600, latent_steps=800, batch=64, depths=(1, 3),
+                       n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(2,)),
     # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus a depth-3 image level trained
     # with clean conditions, its FID, and the held-out glyphs resampled from all their latents through it
     "recon": dict(clip_steps=30, clip_of="quick", runs_of="quick", model="XS", steps=800, latent_steps=800, batch=64,
