@@ -247,23 +247,29 @@ def paired_mse(samples, references):
     return float(np.mean((samples.astype(np.float64) / 255 - references.astype(np.float64) / 255) ** 2))
 
 
+def level_items(level_dir, split, n=None):
+    """(meta, pixels, (target (N, ...), [conditions top-down], labels)) of the trained level in ``level_dir``:
+    ``n`` items of ``split`` evenly spaced (all when None); ``pixels`` is True for a pixel image level."""
+    meta = data.read_json(Path(level_dir) / "meta.json", "retrain the level")
+    hier = hierarchy.locate_cache(meta, level_dir)
+    k = len(meta["conds"])  # the levels above this one, top-down, then this one (the paper's grids 1, 2, 4, ...)
+    levels = hier.levels(max(meta["depth"], k + 1), meta["patch"])
+    pixels = levels[k].image and hier.meta["image_space"] == "pixels"
+    base = data.build_dataset(meta["data"], split, hier.meta["image_shape"][-1]) if pixels else None
+    items = hierarchy.LevelData(hier, split, levels[:k + 1], base)
+    idx = list(range(len(items))) if n is None else data.evenly_spaced(len(items), min(n, len(items)))
+    x0, zs, y, _ = items.batch(idx)
+    return meta, pixels, (x0, zs, y)
+
+
 @torch.no_grad()
 def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="cpu", seed=0):
     """{t: {"true" | "shuffled" | "null": MSE of the predicted x0 to the target}} for ``n`` held-out items of
     the trained level in ``level_dir`` (pixel images: clamped to [-1, 1], MSE on a [0, 1] scale as paired_mse;
     latents: in latent units). "shuffled" gives each item the previous item's conditions (and class)."""
-    meta = data.read_json(Path(level_dir) / "meta.json", "retrain the level")
+    meta, pixels, (x0, zs, y) = level_items(level_dir, "test", n)
     if meta["cond"] == "text":
         raise data.UsageError("conditions: text-conditional levels are not supported; use a class or unconditional one")
-    hier = hierarchy.locate_cache(meta, level_dir)
-    k = len(meta["conds"])  # the levels above this one, top-down, then this one (the paper's grids 1, 2, 4, ...)
-    levels = hier.levels(max(meta["depth"], k + 1), meta["patch"])
-    conds, target = levels[:k], levels[k]
-    pixels = target.image and hier.meta["image_space"] == "pixels"
-    base = data.build_dataset(meta["data"], "test", hier.meta["image_shape"][-1]) if pixels else None
-    items = hierarchy.LevelData(hier, "test", conds + [target], base)
-    idx = data.evenly_spaced(len(items), min(n, len(items)))
-    x0, zs, y, _ = items.batch(idx)
     y = y if meta["cond"] == "class" else None
     g = torch.Generator().manual_seed(seed)
     model = load_denoiser(meta, Path(level_dir) / "ckpt.pt").to(device).eval()
@@ -273,13 +279,12 @@ def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="c
                 "null": (zs, y, True)}
     out = {}
     for t in ts:
-        tt = torch.full((len(idx),), t)
-        noise = torch.randn(x0.shape, generator=g)
-        x_t = diffusion.q_sample(x0, tt, noise)
+        tt = torch.full((len(x0),), t)
+        x_t = diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=g))
         out[t] = {}
         for name, (c, labels, drop) in variants.items():
             pred = model(x_t.to(device), tt.to(device), [z.to(device) for z in c], None if labels is None else labels.to(device),
-                         force_drop=torch.full((len(idx),), drop, device=device)).cpu()
+                         force_drop=torch.full((len(x0),), drop, device=device)).cpu()
             abar = diffusion.alphas_cumprod[t]
             x0_hat = (x_t - (1 - abar).sqrt() * diffusion.to_eps(pred, x_t, tt)) / abar.sqrt()
             err = ((x0_hat.clamp(-1, 1) - x0) / 2) if pixels else (x0_hat - x0)
@@ -291,19 +296,11 @@ def linear_readout(level_dir, n=512, ridge=1.0):
     """(MSE of the mean training target, MSE of a ridge regression from the conditions, standardised and
     flattened, to the target, fitted on the training split) on the same ``n`` held-out items as condition_use:
     how much of the target its conditions carry linearly (same units as condition_use)."""
-    meta = data.read_json(Path(level_dir) / "meta.json", "retrain the level")
-    hier = hierarchy.locate_cache(meta, level_dir)
-    k = len(meta["conds"])
-    levels = hier.levels(max(meta["depth"], k + 1), meta["patch"])
-    pixels = levels[k].image and hier.meta["image_space"] == "pixels"
-    def split(name, idx=None):
-        base = data.build_dataset(meta["data"], name, hier.meta["image_shape"][-1]) if pixels else None
-        items = hierarchy.LevelData(hier, name, levels[:k + 1], base)
-        x0, zs, _, _ = items.batch(list(range(len(items))) if idx is None else idx(len(items)))
+    def split(name, n=None):
+        _, pixels, (x0, zs, _) = level_items(level_dir, name, n)
         scale = 2 if pixels else 1  # pixels: errors on a [0, 1] scale
         return torch.cat([z.flatten(1) for z in zs], 1).double(), x0.flatten(1).double() / scale
-    f_train, x_train = split("train")
-    f_test, x_test = split("test", lambda m: data.evenly_spaced(m, min(n, m)))
+    (f_train, x_train), (f_test, x_test) = split("train"), split("test", n)
     mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
     a, b = (f_train - mu) / sd, (f_test - mu) / sd
     mean = x_train.mean(0)
