@@ -10,7 +10,7 @@ an oracle row: the deepest model with its top latents taken from held-out glyphs
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
-    python reproduce.py --preset quick     # ~20 min on 2 CPU cores (make demo)
+    python reproduce.py --preset quick     # ~23 min on 2 CPU cores (make demo; README)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
     python reproduce.py --preset quick-long  # quick with 2x the image-level training
