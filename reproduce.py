@@ -386,14 +386,15 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick: ~20 min demo; full: README numbers and the σ_2 sweep; long: full's depths 1 and 3 "
-                        "with twice the image-level steps; cond: class- and text-conditional depths 1 and 3, FID "
-                        "and prompt adherence")
+                   help="quick: ~23 min demo; full: README numbers and the σ_2 sweep; long: full's depths 1 and 3 "
+                        "with twice the image-level steps; quick-long: the same for quick (seed its run folder with "
+                        "a copy of quick's); recon: quick plus a σ = 0 image level and its resamples (quick's run "
+                        "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence")
     p.add_argument("--clip", default=None, help="glyph CLIP weights, trained when missing "
                                                "(default: checkpoints/glyph-clip-<preset>.pt)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
     p.add_argument("--cache-dir", default="cache", help="latent caches")
-    p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>)")
+    p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>; recon: quick's)")
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
     p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
                    help="how the latent levels enter each denoiser (train.py --cond-path)")
