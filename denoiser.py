@@ -163,12 +163,12 @@ class FinalLayer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps-prediction DiT for one level of the hierarchy, conditioned on all higher levels, class and text.
+    """DiT for one level of the hierarchy (predicting eps or v), conditioned on all higher levels, class and text.
 
     Sequence = [target tokens | tokens of each higher level, top-down | text tokens]; only the target tokens
-    reach the output head. (With cond_path "grid" the higher levels are added to the target tokens instead.) Text conditioning (COCO: the CLIP text tower's token states, shape
-    (N_text, D_text)) enters IN CONTEXT via Linear(D_text -> width) + learned positions, because the paper
-    builds on U-ViT, which treats every condition -- time, label, text tokens (uvit_t2i), and here the
+    reach the output head (with cond_path "grid" the higher levels are added to the target tokens instead).
+    Text conditioning (COCO: the CLIP text tower's token states, shape (N_text, D_text)) enters IN CONTEXT via
+    Linear(D_text -> width) + learned positions, because the paper builds on U-ViT, which treats every condition -- time, label, text tokens (uvit_t2i), and here the
     higher latent levels -- as extra tokens (paper §3.2, shared/paper.md §3.2); adaLN could only take a
     pooled text vector and lose the per-token states, and U-ViT has no cross-attention. With text_path "adaln"
     the denoiser takes that pooled vector instead (text_shape (D_text,)), added to the adaLN vector like a class.
@@ -328,10 +328,6 @@ class Denoiser(nn.Module):
         return guided_eps(eps_c, eps_u, w)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: a level's denoiser on disk
-# ----------------------------------------------------------------------------------------------------
-
 def native_bf16(device) -> bool:
     """Whether ``device`` computes bf16 natively, so that bf16 autocast is faster there: a CUDA GPU with bf16, or
     a CPU with AVX-512-BF16 / AMX (README, Speed: faster glyph training and sampling on this project's Intel
@@ -343,6 +339,10 @@ def native_bf16(device) -> bool:
     return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)()
                                         for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: a level's denoiser on disk
+# ----------------------------------------------------------------------------------------------------
 
 def build_model(meta):
     """The Denoiser described by a level's ``meta`` (meta.json of its run folder, also stored in ckpt.pt)."""

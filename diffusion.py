@@ -49,7 +49,7 @@ def _randn(shape, generator, device):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def _predict_x0(x_t, eps, abar_t, clip):
+def predict_x0(x_t, eps, abar_t, clip):
     """x0 from x_t and eps by inverting Ho Eq. 4; clamp to [-clip, clip] when clip is set."""
     x0 = (x_t - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
     return x0 if clip is None else x0.clamp(-clip, clip)
@@ -64,7 +64,7 @@ def ddpm_step(x_t, eps, abar_t, abar_prev, noise, clip=None):
     """
     alpha = abar_t / abar_prev
     beta = 1 - alpha
-    x0 = _predict_x0(x_t, eps, abar_t, clip)
+    x0 = predict_x0(x_t, eps, abar_t, clip)
     mean = (math.sqrt(abar_prev) * beta * x0 + math.sqrt(alpha) * (1 - abar_prev) * x_t) / (1 - abar_t)
     var = (1 - abar_prev) / (1 - abar_t) * beta
     return mean + math.sqrt(var) * noise
@@ -75,7 +75,7 @@ def ddim_step(x_t, eps, abar_t, abar_prev, eta, noise, clip=None):
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (Song Eq. 16).
     eta = 0: deterministic; eta = 1: the DDPM step. With clip, eps is recomputed from the clipped x0."""
-    x0 = _predict_x0(x_t, eps, abar_t, clip)
+    x0 = predict_x0(x_t, eps, abar_t, clip)
     if clip is not None:
         eps = (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
     sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
@@ -195,7 +195,7 @@ class Diffusion:
             eps = self.to_eps(net_fn(x, tt), x, tt)
             noise = _randn(shape, generator, device) if (sampler == "ddpm" or eta > 0) else 0.0  # no allocation
             if sampler == "dpm++":
-                x0 = _predict_x0(x, eps, abar_t, clip)
+                x0 = predict_x0(x, eps, abar_t, clip)
                 x, h_last = dpm_solver_step(x, x0, abar_t, abar_prev, x0_last, h_last)
                 x0_last = x0
             elif sampler == "ddpm":

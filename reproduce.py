@@ -254,7 +254,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
         "ratios": ratios, "baseline_1star": baseline, "unconditional_mse": unconditional,
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
-        "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs, "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
+        "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
+        "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
         indent=1))
     print("\n" + "\n".join(lines))
 

@@ -88,9 +88,8 @@ def find_levels(run, depth, cond, sigma=None, **versions):
     """The run folders of levels L … 1 of a depth-L model in ``run``, top-down. ``sigma`` (σ_L … σ_2, as
     train.py --sigma for the image level) picks among versions trained with different condition noise:
     level l was trained with its first L − l values; ``versions`` (read_metas) pick among versions of another
-    size, condition path, text path or prediction. When
-    ``run`` lacks a level, the error names the folders beside it that hold the whole model (make demo trains
-    into runs/reproduce-quick)."""
+    size, condition path, text path or prediction. When ``run`` lacks a level, the error names the folders
+    beside it that hold the whole model (make demo trains into runs/reproduce-quick)."""
     if sigma is not None and len(sigma) != depth - 1:
         raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
     metas = read_metas(run, cond, **versions)

@@ -177,7 +177,7 @@ def get_parser():
     p.add_argument("--image-patch", type=int, default=4, help="patch of the image level (0: train.py's default)")
     p.add_argument("--batch", type=int, default=64, help="global batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (CUDA)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (train.py --precision)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--reduced-cache", action="store_true", help="read the reduced latents (hierarchy.py --reduced-cache)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (breakdown, model-only) and steps per log interval")
