@@ -35,9 +35,10 @@ import train_encoder
 from denoiser import COND_PATHS, TEXT_PATHS, native_bf16
 from diffusion import PREDICTIONS
 
+QUICK = dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3), n_samples=256,
+             sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(2,))
 PRESETS = {
-    "quick": dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3),
-                  n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(2,)),
+    "quick": QUICK,
     "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0), oracle_keep=(1, 2),
                  baseline="XS+", oracle_sigmas=((0.0, 0.0),)),
@@ -46,13 +47,10 @@ PRESETS = {
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
     # the quick preset with twice the image-level budget (its encoder; seeded with a copy of its run folder, only
     # the image levels' second 800 steps are trained: under the constant learning rate that equals 1,600 from scratch)
-    "quick-long": dict(clip_steps=30, clip_of="quick", model="XS", steps=1600, latent_steps=800, batch=64, depths=(1, 3),
-                       n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(2,)),
+    "quick-long": dict(QUICK, clip_of="quick", steps=1600),
     # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus a depth-3 image level trained
     # with clean conditions, its FID, and the held-out glyphs resampled from all their latents through it
-    "recon": dict(clip_steps=30, clip_of="quick", runs_of="quick", model="XS", steps=800, latent_steps=800, batch=64,
-                  depths=(1, 3), n_samples=256, sample_steps=50, fid_ref=500, sigma_sweep=(0.0,), guided=False,
-                  oracle_keep=(2,), oracle_sigmas=((0.0, 0.0),)),
+    "recon": dict(QUICK, clip_of="quick", runs_of="quick", sigma_sweep=(0.0,), oracle_sigmas=((0.0, 0.0),)),
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence
     "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64),
