@@ -126,7 +126,13 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, H, D/H)
         # strided views, no copies; unbinding before transposing makes the backward one stack into qkv's layout
         q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # 3 x (B, H, N, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # torch's CPU flash kernel is slow in bf16: at the glyph image level its backward took 31 ms a block
+            # against 5 ms for these two matmuls and softmax (benchmarks/bench_train.py --precision bf16)
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
+            x = attn @ v  # (B, H, N, D/H)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data import UsageError
-from denoiser import SIZES, Denoiser, build_model, count_params, forward_gmacs, patchify, token_patch, unpatchify
+from denoiser import SIZES, Attention, Denoiser, build_model, count_params, forward_gmacs, patchify, token_patch, unpatchify
 
 # paper layout (shared/paper.md §2.2), top-down: z_5 1x1x256, z_4 2x2x128, z_3 4x4x64, z_2 8x8x32; image 4x32x32
 LATENTS = [(256, 1, 1), (128, 2, 2), (64, 4, 4), (32, 8, 8)]
@@ -235,3 +235,20 @@ def test_build_model_reads_the_text_path_and_old_metas_build_the_token_path():
     old = build_model(meta | {"text_shape": [6, 12]})                                  # no "text_path": before it existed
     old.load_state_dict(tokens.state_dict())
     assert old.text_path == "tokens" and old.text_pos.shape == (1, 6, SIZES["tiny"]["width"])
+
+
+def test_cpu_bf16_attention_matches_sdpa_in_value_and_gradient():
+    """Under CPU bf16 autocast the attention is two matmuls and a softmax (torch's CPU flash kernel is slow in
+    bf16); it must agree with F.scaled_dot_product_attention in fp32 to bf16 precision, forward and backward."""
+    torch.manual_seed(0)
+    attn = Attention(64, 2)
+    x = torch.randn(4, 69, 64, requires_grad=True)
+    ref = attn(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    (g,) = torch.autograd.grad(out.float().square().sum(), x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
+    assert (g - g_ref).abs().max() < 0.03 * g_ref.abs().max()
+    assert not torch.equal(out.float(), ref)  # the bf16 path really ran
