@@ -20,6 +20,7 @@ network at its initialisation (random weights).
     python train_encoder.py --objective mocov3 --knn --pretrained checkpoints/mocov3-glyphs.pt
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -231,6 +232,18 @@ class StepBatches(torch.utils.data.Sampler):
             yield perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
 
+def autocast(model, device, precision):
+    """The context of a step at ``precision``: bf16 autocast, or none for fp32. On the CPU under bf16 the ViT's
+    attention leaves torch's flash kernel, slow in bf16 there (as denoiser.Attention does)."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):  # timm's Attention: F.scaled_dot_product_attention, or matmuls
+                module.fused_attn = False
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def mocov3_checkpoint(model, opt, step, args):
     """MoCo-v3's format ({"state_dict": {"module.<name>": ...}}) plus what resuming needs and the ViT config."""
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -256,6 +269,7 @@ def train_mocov3(args):
     cfg = encoder.VITS[args.vit]
     torch.manual_seed(args.seed)
     model = MoCo(cfg, args.mlp_dim, args.dim).to(device).train()
+    amp = autocast(model, device, args.precision)
     lr = args.lr * args.batch_size / 256  # MoCo-v3's linear scaling rule
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
     start = 0
@@ -278,7 +292,8 @@ def train_mocov3(args):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
         x = x.to(device)
         views = [preprocess(augment(x, g, size, args.crop_min), size, mean, std) for _ in range(2)]  # 2 x (B, 3, S, S)
-        loss = model(*views, m, args.temperature)
+        with amp:
+            loss = model(*views, m, args.temperature)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. The last checkpoint is kept at "
                              f"{args.out} (lower --lr)")
@@ -465,6 +480,9 @@ def main(args):
                                                                            "(default: 0.08, MoCo-v3's)")
     moco.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                       help="device for training (both objectives), embedding and the KNN search (default: cuda if available)")
+    moco.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                      help="bf16 autocast (CUDA, or a CPU with native bf16 such as AMX; README, Speed); may change "
+                           "on --resume")
     moco.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     moco.add_argument("--ckpt-every", type=int, default=100, help="steps between (atomic) checkpoints (default: 100)")
     moco.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
