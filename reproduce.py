@@ -96,7 +96,8 @@ def main(args):
     encoder_argv = ["--objective", "clip", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
                     "--device", args.device]
     if not Path(args.clip).exists():  # its KNN report comes after the latent cache, which embeds the same glyphs
-        train_encoder.main(encoder_argv + ["--train", "--skip-knn", "--steps", str(cfg["clip_steps"]), "--out", args.clip])
+        train_encoder.main(encoder_argv + ["--train", "--skip-knn", "--steps", str(cfg["clip_steps"]), "--out", args.clip,
+                                           "--precision", args.precision])
     timings["clip"] = time.time() - t
 
     t = step("latent cache")

@@ -36,6 +36,7 @@ import open_clip
 import timm
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import data
@@ -55,17 +56,33 @@ def make_optimizer(model, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+def autocast(model, device, precision):
+    """The context of one training step at ``precision``: nothing for fp32, else bf16 autocast. On the CPU
+    torch's flash attention kernel is slow in bf16 (denoiser.Attention): timm's ViT attention switches to plain
+    matmuls, and any other F.scaled_dot_product_attention (open_clip's) runs torch's math kernel."""
+    stack = contextlib.ExitStack()
+    if precision == "bf16":
+        if device.type == "cpu":
+            for module in model.modules():
+                if hasattr(module, "fused_attn"):  # timm's Attention
+                    module.fused_attn = False
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    return stack
+
+
 def cosine_lr(step, progress, lr, warmup):
     """Linear warm-up over the first `warmup` steps times a cosine decay to 0 over progress in [0, 1]."""
     return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def clip_step(model, opt, loss_fn, x, tokens, mean, std):
+def clip_step(model, opt, loss_fn, x, tokens, mean, std, precision="fp32"):
     """One contrastive step on a batch of images (B, C, H, W) in [-1, 1] and their caption tokens; returns the loss."""
     model.train()
     image_size = model.visual.image_size[0]
-    img, txt, scale = model(preprocess(x, image_size, mean, std), tokens)  # L2-normalised features, exp(logit_scale)
-    loss = loss_fn(img, txt, scale)
+    with autocast(model, x.device, precision):
+        img, txt, scale = model(preprocess(x, image_size, mean, std), tokens)  # L2-normalised features, exp(logit_scale)
+        loss = loss_fn(img, txt, scale)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -108,7 +125,8 @@ def train_clip(args):
             batches = iter(loader)
             batch = next(batches)
         x, _, captions = batch
-        loss = clip_step(model, opt, loss_fn, x.to(args.device), tokenizer(list(captions)).to(args.device), mean, std)
+        loss = clip_step(model, opt, loss_fn, x.to(args.device), tokenizer(list(captions)).to(args.device), mean, std,
+                         args.precision)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
@@ -232,18 +250,6 @@ class StepBatches(torch.utils.data.Sampler):
             yield perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
 
-def autocast(model, device, precision):
-    """The context of a step at ``precision``: bf16 autocast, or none for fp32. On the CPU under bf16 the ViT's
-    attention leaves torch's flash kernel, slow in bf16 there (as denoiser.Attention does)."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    if device.type == "cpu":
-        for module in model.modules():
-            if hasattr(module, "fused_attn"):  # timm's Attention: F.scaled_dot_product_attention, or matmuls
-                module.fused_attn = False
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def mocov3_checkpoint(model, opt, step, args):
     """MoCo-v3's format ({"state_dict": {"module.<name>": ...}}) plus what resuming needs and the ViT config."""
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -269,7 +275,6 @@ def train_mocov3(args):
     cfg = encoder.VITS[args.vit]
     torch.manual_seed(args.seed)
     model = MoCo(cfg, args.mlp_dim, args.dim).to(device).train()
-    amp = autocast(model, device, args.precision)
     lr = args.lr * args.batch_size / 256  # MoCo-v3's linear scaling rule
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
     start = 0
@@ -292,7 +297,7 @@ def train_mocov3(args):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
         x = x.to(device)
         views = [preprocess(augment(x, g, size, args.crop_min), size, mean, std) for _ in range(2)]  # 2 x (B, 3, S, S)
-        with amp:
+        with autocast(model, device, args.precision):
             loss = model(*views, m, args.temperature)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. The last checkpoint is kept at "
@@ -463,6 +468,9 @@ def main(args):
                                                         "(default: cache)")
     p.add_argument("--knn-train", type=int, default=0, help="KNN against this many evenly spaced training images "
                                                             "(0: all; a quick check)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 autocast (CUDA, or a CPU with native bf16 such as AMX; README, Speed); may change "
+                        "on --resume")
     clip = p.add_argument_group("clip")
     clip.add_argument("--clip", "--name", dest="clip", default="glyph-clip",
                       help="open_clip model name (default: glyph-clip, registered by encoder.py)")
@@ -480,9 +488,6 @@ def main(args):
                                                                            "(default: 0.08, MoCo-v3's)")
     moco.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                       help="device for training (both objectives), embedding and the KNN search (default: cuda if available)")
-    moco.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                      help="bf16 autocast (CUDA, or a CPU with native bf16 such as AMX; README, Speed); may change "
-                           "on --resume")
     moco.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     moco.add_argument("--ckpt-every", type=int, default=100, help="steps between (atomic) checkpoints (default: 100)")
     moco.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")

@@ -112,16 +112,14 @@ def breakdown_and_model_only(targs, args, device):
         phases("sync (NaN check)", lambda: (nan_watch.add(k, loss), nan_watch.check()))
         if k + 1 == args.warmup:
             phases.times.clear()
-    def model_only():  # the same step on one batch that stays on the device: median seconds of args.steps
-        times = []
+    def model_only():  # the same step on one batch that stays on the device: mean seconds over args.steps steps,
+        sync(device)     # timed as train.py's log times its steps/s (a median would flatter the model-only side)
+        start = time.perf_counter()
         for _ in range(args.steps):
-            sync(device)
-            start = time.perf_counter()
             forward_backward(x, y, t, noise, noisy, drop)
             opt.step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        sync(device)
+        return (time.perf_counter() - start) / args.steps
     return phases, model_only, model, meta, len(dataset)
 
 
@@ -157,7 +155,7 @@ def main(args):
         if name in phases.times:
             print(f"  {name:<18}{1e3 * phases.median(name):9.2f}")
     print(f"  {'total':<18}{1e3 * total:9.2f}")
-    print(f"model-only step (inputs on the device): {1e3 * model_only:.2f} ms = {1 / model_only:.2f} steps/s")
+    print(f"model-only step (inputs on the device; mean of {args.steps}): {1e3 * model_only:.2f} ms = {1 / model_only:.2f} steps/s")
     print(f"train.py loop: {rate:.2f} steps/s")
     print(f"(medians over {args.repeats} pairs, each a run of train.py timed over {args.steps} steps after "
           f"{args.steps} warm-up steps, then {args.steps} model-only steps; ratio per pair: "

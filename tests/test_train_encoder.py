@@ -254,17 +254,23 @@ def tiny_name():
     return "tiny-te-clip"
 
 
-def test_clip_steps_decrease_loss(tiny_name):
+def clip_losses(name, precision, steps=4):
+    """The losses of ``steps`` glyph-CLIP steps from seed 0 on one batch of 16."""
     torch.manual_seed(0)
-    model = open_clip.create_model(tiny_name)
-    tokens = open_clip.get_tokenizer(tiny_name)([f"glyph number {i}" for i in range(16)])
+    model = open_clip.create_model(name)
+    tokens = open_clip.get_tokenizer(name)([f"glyph number {i}" for i in range(16)])
     x = images(16, 1, seed=2)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
     opt = te.make_optimizer(model, 1e-3, 0.1)
     loss_fn = open_clip.loss.ClipLoss()
-    losses = [te.clip_step(model, opt, loss_fn, x, tokens, mean, std) for _ in range(4)]
-    assert losses[-1] < losses[0] - 0.1, losses
+    return [te.clip_step(model, opt, loss_fn, x, tokens, mean, std, precision) for _ in range(steps)]
+
+
+def test_clip_steps_decrease_loss_in_fp32_and_bf16(tiny_name):
+    fp32, bf16 = clip_losses(tiny_name, "fp32"), clip_losses(tiny_name, "bf16")
+    assert fp32[-1] < fp32[0] - 0.1 and bf16[-1] < bf16[0] - 0.1, (fp32, bf16)
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.02) and bf16[0] != fp32[0]  # same weights, bf16 arithmetic
 
 
 def test_cosine_lr():
