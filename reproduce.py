@@ -16,6 +16,10 @@ CPU float reductions and thread timing aside, all randomness is seeded).
     python reproduce.py --preset quick-long  # quick with 2x the image-level training
     python reproduce.py --preset recon     # quick + an image level trained with σ = 0 and its resamples (Fig. 4)
     python reproduce.py --preset cond      # class- and text-conditional depths 1 and 3: FID, prompt adherence
+
+``--encoder mocov3 --pretrained FILE`` runs a preset on a MoCo-v3 ViT trained on the glyphs (train_encoder.py
+--objective mocov3; the paper's ImageNet encoder) instead of the glyph CLIP: no CLIP is trained, the latent cache,
+KNN row and levels are the ViT's, in their own run and results folders (``<preset>-mocov3``).
 """
 import argparse
 import json
@@ -60,6 +64,9 @@ PRESETS = {
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
+ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT"}
+# train_encoder.py's MoCo-v3 flags for the glyph ViT on 2 CPU cores (README, Your own images)
+MOCOV3_RECIPE = "--steps 1000 --batch-size 128 --mlp-dim 1024 --lr 4e-3 --crop-min 0.3"
 
 
 def step(title):
@@ -74,14 +81,40 @@ def default_sigmas(depth, cond="none"):
 
 def hierarchy_argv(args):
     return ["--data", "glyphs", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
-            "--cache-dir", args.cache_dir, "--pretrained", args.clip, "--device", args.device]
+            "--cache-dir", args.cache_dir, "--encoder", args.encoder, "--pretrained", encoder_weights(args),
+            "--device", args.device]
+
+
+def encoder_weights(args):
+    """The frozen encoder's weights file: the glyph CLIP's (--clip) or the MoCo-v3 ViT's (--pretrained)."""
+    return args.clip if args.encoder == "clip" else args.pretrained
+
+
+def resolve_encoder(args, cfg):
+    """Check the encoder flags and fill their defaults in place, before anything is built: the glyph CLIP's file
+    (trained when missing) or the MoCo-v3 ViT's (which must exist: train_encoder.py makes it)."""
+    if args.encoder == "clip":
+        if args.pretrained is not None:
+            raise data.UsageError("--pretrained is the MoCo-v3 encoder's weights (--encoder mocov3); "
+                                  "the glyph CLIP's are --clip")
+        args.clip = args.clip or f"checkpoints/glyph-clip-{cfg.get('clip_of', args.preset)}.pt"
+        return
+    if args.clip is not None:
+        raise data.UsageError("--clip is the glyph CLIP's weights; the MoCo-v3 encoder's are --pretrained")
+    if "text" in cfg.get("conds", ()):
+        raise data.UsageError(f"--preset {args.preset} needs --encoder clip: its text mode reads the CLIP's text tower")
+    args.pretrained = args.pretrained or H.trained_encoder_path("glyphs")
+    if not Path(args.pretrained).exists():
+        raise data.UsageError(f"MoCo-v3 weights {args.pretrained} not found; train them with python train_encoder.py "
+                              f"--objective mocov3 --train --data glyphs {MOCOV3_RECIPE} --out {args.pretrained}")
 
 
 def main(args):
     cfg = PRESETS[args.preset]
-    args.clip = args.clip or f"checkpoints/glyph-clip-{cfg.get('clip_of', args.preset)}.pt"
-    out = Path(args.out or f"results/{args.preset}")
-    runs = Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}")
+    resolve_encoder(args, cfg)
+    suffix = "" if args.encoder == "clip" else f"-{args.encoder}"  # another encoder's levels never share a folder
+    out = Path(args.out or f"results/{args.preset}{suffix}")
+    runs = Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}")
     args.precision = ("bf16" if native_bf16(args.device) else "fp32") if args.precision == "auto" else args.precision
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.time()
@@ -92,13 +125,14 @@ def main(args):
     print(f"{len(train_set)} train, {len(test_set)} held-out glyphs")
     timings["data"] = time.time() - t
 
-    t = step("glyph CLIP")
-    encoder_argv = ["--objective", "clip", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+    encoder_argv = ["--objective", args.encoder, "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
                     "--device", args.device]
-    if not Path(args.clip).exists():  # its KNN report comes after the latent cache, which embeds the same glyphs
-        train_encoder.main(encoder_argv + ["--train", "--skip-knn", "--steps", str(cfg["clip_steps"]), "--out", args.clip,
-                                           "--precision", args.precision])
-    timings["clip"] = time.time() - t
+    if args.encoder == "clip":
+        t = step("glyph CLIP")
+        if not Path(args.clip).exists():  # its KNN report comes after the latent cache, which embeds the same glyphs
+            train_encoder.main(encoder_argv + ["--train", "--skip-knn", "--steps", str(cfg["clip_steps"]),
+                                               "--out", args.clip, "--precision", args.precision])
+        timings["clip"] = time.time() - t
 
     t = step("latent cache")
     hargs = H.resolve_defaults(H.get_parser().parse_args(hierarchy_argv(args) + ["--depth", str(max(cfg["depths"]))]))
@@ -109,9 +143,10 @@ def main(args):
     if cfg.get("conds"):  # its results carry no KNN row
         return conditional(args, cfg, out, runs, timings, started)
 
-    t = step("glyph CLIP: KNN report")  # the trained row reads the cache's embeddings; the random row its own cache
-    knn = train_encoder.main(encoder_argv + ["--knn", "--pretrained", args.clip, "--latent-cache", str(hier.root),
-                                             "--cache-dir", args.cache_dir])
+    # the trained row reads the cache's embeddings; the random row its own cache
+    t = step(f"{ENCODER_NAMES[args.encoder]}: KNN report")
+    knn = train_encoder.main(encoder_argv + ["--knn", "--pretrained", encoder_weights(args),
+                                             "--latent-cache", str(hier.root), "--cache-dir", args.cache_dir])
     timings["knn"] = time.time() - t
 
     t = step("training")
@@ -196,7 +231,8 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
 
 def command_line(args):
     """The reproduce.py command of this run: the preset and the flags that change its models."""
-    flags = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("cond_path", "prediction", "text_path")
+    flags = [f"--{k.replace('_', '-')} {getattr(args, k)}"
+             for k in ("encoder", "pretrained", "cond_path", "prediction", "text_path")
              if getattr(args, k) != get_parser().get_default(k)]
     return " ".join(["python reproduce.py --preset", args.preset] + flags)
 
@@ -210,7 +246,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)}, {args.precision} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min)"
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
-             f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Denoisers: size {cfg['model']}, "
+             f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Encoder: "
+             f"{ENCODER_NAMES[args.encoder]} ({encoder_weights(args)}). Denoisers: size {cfg['model']}, "
              f"{cfg['steps']} steps per level at batch {cfg['batch']}; DPM-Solver++(2M), {cfg['sample_steps']} steps "
              f"per level. FID: {cfg['n_samples']} samples per model against "
              f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3). σ_L … σ_2 = the paper's "
@@ -243,7 +280,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
                   "| σ_L … σ_2 trained with | top levels kept | FID ↓ | paired MSE ↓ |", "|---|---|---|---|"]
         lines += [f"| {', '.join(f'{s:g}' for s in sig)} | {', '.join(f'z_{depth - i}' for i in range(keep))} | "
                   f"{fid:.2f} | {mse:.4f} |" for (sig, keep), (fid, mse) in oracle.items()]
-    lines += ["", "Glyph CLIP, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
+    lines += ["", f"{ENCODER_NAMES[args.encoder]}, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
               "| weights | top-1 | top-5 |", "|---|---|---|"]
     lines += [f"| {name} | {top1:.3f} | {top5:.3f} |" for name, top1, top5 in knn]
     lines += ["", "Variance kept by each level's SVD: " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()), ""]
@@ -253,6 +290,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
         "ratios": ratios, "baseline_1star": baseline, "unconditional_mse": unconditional,
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
+        "encoder": args.encoder, "encoder_weights": encoder_weights(args),
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
         indent=1))
@@ -390,12 +428,20 @@ def get_parser():
                         "with twice the image-level steps; quick-long: the same for quick (seed its run folder with "
                         "a copy of quick's); recon: quick plus a σ = 0 image level and its resamples (quick's run "
                         "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence")
-    p.add_argument("--clip", default=None, help="glyph CLIP weights, trained when missing "
+    p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
+                   help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
+                        "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained; not for preset cond)")
+    p.add_argument("--clip", default=None, help="--encoder clip: glyph CLIP weights, trained when missing "
                                                "(default: checkpoints/glyph-clip-<preset>.pt)")
+    p.add_argument("--pretrained", default=None,
+                   help="--encoder mocov3: its weights, which must exist (train_encoder.py --objective mocov3 --train "
+                        "--data glyphs --out FILE; default: checkpoints/mocov3-glyphs.pt)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
     p.add_argument("--cache-dir", default="cache", help="latent caches")
-    p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>; recon: quick's)")
-    p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
+    p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>; recon: quick's; "
+                                               "--encoder mocov3: runs/reproduce-<preset>-mocov3)")
+    p.add_argument("--out", default=None, help="results folder (default: results/<preset>; --encoder mocov3: "
+                                               "results/<preset>-mocov3)")
     p.add_argument("--cond-path", choices=COND_PATHS, default="tokens",
                    help="how the latent levels enter each denoiser (train.py --cond-path)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="v",

@@ -1,6 +1,9 @@
 """reproduce.py's plan and tables: which models a preset trains, and that every FID lands in its own cell."""
 import json
+import re
 from pathlib import Path
+
+import pytest
 
 import reproduce
 
@@ -89,8 +92,9 @@ class _StopAfterKnn(Exception):
     pass
 
 
-def _stages(tmp_path, monkeypatch, preset, clip_exists):
-    """The calls reproduce.main makes up to its first training run: ('encoder', argv) and ('cache',)."""
+def _stages(tmp_path, monkeypatch, preset, clip_exists, encoder="clip", folders=True):
+    """The calls reproduce.main makes up to its first training run: ('encoder', argv), ('cache', hierarchy args) and
+    ('train', train args); ``folders=False`` leaves --runs and --out at their defaults (under tmp_path)."""
     calls = []
 
     class Hier:
@@ -105,15 +109,22 @@ def _stages(tmp_path, monkeypatch, preset, clip_exists):
             Path(argv[argv.index("--out") + 1]).touch()
         return []
     monkeypatch.setattr(reproduce.train_encoder, "main", encoder_main)
-    monkeypatch.setattr(reproduce.H, "build_cache", lambda a: calls.append(("cache",)) or Hier())
-    monkeypatch.setattr(reproduce.train, "train", lambda a: (_ for _ in ()).throw(_StopAfterKnn()))
-    clip = tmp_path / "clip.pt"
+    monkeypatch.setattr(reproduce.H, "build_cache", lambda a: calls.append(("cache", a)) or Hier())
+    def train(a):
+        calls.append(("train", a))
+        raise _StopAfterKnn()
+    monkeypatch.setattr(reproduce.train, "train", train)
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / f"{encoder}.pt"
     if clip_exists:
-        clip.touch()
+        weights.touch()
+    flags = ["--clip", str(weights)] if encoder == "clip" else ["--encoder", encoder, "--pretrained", str(weights)]
+    if folders:
+        flags += ["--runs", str(tmp_path / "r"), "--out", str(tmp_path / "out")]
     try:
         reproduce.main(reproduce.get_parser().parse_args(
-            ["--preset", preset, "--device", "cpu", "--clip", str(clip), "--runs", str(tmp_path / "r"),
-             "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--data-dir", str(tmp_path / "d")]))
+            ["--preset", preset, "--device", "cpu", "--cache-dir", str(tmp_path / "c"), "--data-dir", str(tmp_path / "d")]
+            + flags))
     except _StopAfterKnn:
         pass
     return calls
@@ -122,15 +133,74 @@ def _stages(tmp_path, monkeypatch, preset, clip_exists):
 def test_knn_report_comes_after_the_latent_cache_and_reads_it(tmp_path, monkeypatch):
     """One embedding pass of the trained glyph CLIP over the glyphs (the cache's), not two."""
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=False)
-    assert [c[0] for c in calls] == ["encoder", "cache", "encoder"]
+    assert [c[0] for c in calls] == ["encoder", "cache", "encoder", "train"]
     train_argv, knn_argv = calls[0][1], calls[2][1]
     assert "--train" in train_argv and "--skip-knn" in train_argv
     assert "--knn" in knn_argv and knn_argv[knn_argv.index("--latent-cache") + 1] == str(tmp_path / "c" / "glyphs")
     assert knn_argv[knn_argv.index("--cache-dir") + 1] == str(tmp_path / "c")   # where the random row is kept
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True)          # weights present: no training
-    assert [c[0] for c in calls] == ["cache", "encoder"] and "--knn" in calls[1][1]
+    assert [c[0] for c in calls] == ["cache", "encoder", "train"] and "--knn" in calls[1][1]
 
 
 def test_cond_preset_runs_no_knn_report(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "conditional", lambda *a: None)  # its results hold no KNN row
     assert [c[0] for c in _stages(tmp_path, monkeypatch, "cond", clip_exists=True)] == ["cache"]
+
+
+def test_mocov3_encoder_replaces_the_glyph_clip_everywhere(tmp_path, monkeypatch):
+    """No CLIP is trained; the cache, the KNN row (reading that cache) and the levels all use the MoCo-v3 ViT."""
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, encoder="mocov3")
+    assert [c[0] for c in calls] == ["cache", "encoder", "train"]
+    moco = str(tmp_path / "mocov3.pt")
+    hargs, knn_argv, targs = calls[0][1], calls[1][1], calls[2][1]
+    assert (hargs.encoder, hargs.pretrained, hargs.image_size, hargs.image_space) == ("mocov3", moco, 32, "pixels")
+    assert "mocov3" in reproduce.H.cache_name(hargs) and "glyph-clip" not in reproduce.H.cache_name(hargs)
+    assert knn_argv[knn_argv.index("--objective") + 1] == "mocov3" and "--train" not in knn_argv
+    assert knn_argv[knn_argv.index("--pretrained") + 1] == moco
+    assert knn_argv[knn_argv.index("--latent-cache") + 1] == str(tmp_path / "c" / "glyphs")
+    assert (targs.encoder, targs.pretrained, targs.run) == ("mocov3", moco, str(tmp_path / "r"))
+
+
+def test_each_encoder_has_its_own_default_run_and_results_folders(tmp_path, monkeypatch):
+    """A level trained on the glyph CLIP's cache is never found by a MoCo-v3 run (train.py's run key names
+    no encoder), nor are the results written over."""
+    for encoder, suffix in (("clip", ""), ("mocov3", "-mocov3")):
+        for preset, runs in (("quick", "quick"), ("recon", "quick"), ("full", "full")):
+            targs = _stages(tmp_path, monkeypatch, preset, True, encoder, folders=False)[-1][1]
+            assert targs.run == f"runs/reproduce-{runs}{suffix}"
+            assert (tmp_path / "results" / f"{preset}{suffix}").is_dir()
+
+
+def test_mocov3_weights_are_checked_before_anything_is_built(tmp_path, monkeypatch):
+    for preset, exists, flags, message in (
+            ("quick", False, [], "MoCo-v3 weights checkpoints/mocov3-glyphs.pt not found; train them with python "
+                                 "train_encoder.py --objective mocov3 --train --data glyphs "),
+            ("quick", True, ["--clip", "x.pt"], "--clip is the glyph CLIP's weights"),
+            ("cond", True, [], "--preset cond needs --encoder clip")):
+        monkeypatch.chdir(tmp_path)
+        if exists:
+            (tmp_path / "checkpoints").mkdir(exist_ok=True)
+            (tmp_path / "checkpoints" / "mocov3-glyphs.pt").touch()
+        args = reproduce.get_parser().parse_args(["--preset", preset, "--encoder", "mocov3", "--device", "cpu"] + flags)
+        with pytest.raises(reproduce.data.UsageError, match=re.escape(message)):
+            reproduce.main(args)
+        assert not (tmp_path / "results").exists()                                 # nothing created
+    args = reproduce.get_parser().parse_args(["--pretrained", "m.pt", "--device", "cpu"])  # the CLIP has --clip
+    with pytest.raises(reproduce.data.UsageError, match="--pretrained is the MoCo-v3 encoder's weights"):
+        reproduce.main(args)
+
+
+def test_mocov3_results_name_the_encoder_and_its_command(tmp_path):
+    (tmp_path / "m.pt").touch()
+    args = reproduce.get_parser().parse_args(["--preset", "quick", "--encoder", "mocov3", "--pretrained",
+                                              str(tmp_path / "m.pt"), "--device", "cpu", "--precision", "fp32"])
+    cfg = reproduce.PRESETS["quick"]
+    reproduce.resolve_encoder(args, cfg)
+    fids = {(1, (), 0.0): 100.0, (3, (0.0, 0.5), 0.0): 90.0}
+    reproduce.write_results(tmp_path, args, cfg, 10, 2, [("trained", 0.3, 0.5)], {}, fids, {}, [], {}, 60.0)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert f"Command: `python reproduce.py --preset quick --encoder mocov3 --pretrained {tmp_path / 'm.pt'}` — " in lines[2]
+    assert f"Encoder: MoCo-v3 ViT ({tmp_path / 'm.pt'})." in lines[4]
+    assert "MoCo-v3 ViT, KNN radical accuracy (K = 20) on the held-out glyphs:" in lines
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["encoder"] == "mocov3" and saved["encoder_weights"] == str(tmp_path / "m.pt")
