@@ -132,33 +132,33 @@ def param_views(module, size=None):
     return params if size is None else [v for p in params for v in p.view(-1).split(size)]
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay, size=None):
-    """ema ← decay·ema + (1 − decay)·model for parameters (one foreach call for all of them, over pieces of at
-    most ``size`` elements, see param_views); buffers copied."""
-    e = param_views(ema, size)
-    torch._foreach_mul_(e, decay)
-    torch._foreach_add_(e, param_views(model, size), alpha=1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
 class EMAUpdate:
-    """``update_ema`` after each step. On a GPU it runs in a background thread, in pieces that need no OpenMP
-    team, so that it overlaps the next step's forward and backward (which only read the weights); on the CPU a
-    second thread only stalls the step's OpenMP team (XS, one-token level: 10-12 ms in the background against
-    2 ms inline with whole tensors), so it runs inline. ``wait()`` before anything writes the weights (opt.step)
-    or reads the EMA."""
+    """ema ← decay·ema + (1 − decay)·model = ema + (1 − decay)·(model − ema) for the parameters after each step,
+    one foreach lerp over all of them (one pass over memory); buffers copied. The parameter lists are made once
+    (opt.step and load_state_dict write the same tensors). On a GPU it runs in a background thread, in pieces of
+    16384 elements that need no OpenMP team (see param_views), so that it overlaps the next step's forward and
+    backward (which only read the weights); on the CPU a second thread only stalls the step's OpenMP team (XS,
+    one-token level: 10-12 ms in the background against 2 ms inline with whole tensors), so it runs inline.
+    ``wait()`` before anything writes the weights (opt.step) or reads the EMA."""
 
     def __init__(self, ema, model, background):
-        self.ema, self.model, self.pending = ema, model, None
+        size = 16384 if background else None
+        self.ema_views, self.model_views = param_views(ema, size), param_views(model, size)
+        self.buffers = list(zip(ema.buffers(), model.buffers()))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ema") if background else None
+        self.pending = None
+
+    @torch.no_grad()
+    def apply(self, decay):
+        torch._foreach_lerp_(self.ema_views, self.model_views, 1 - decay)
+        for e, b in self.buffers:
+            e.copy_(b)
 
     def update(self, decay):
         if self.pool is None:
-            return update_ema(self.ema, self.model, decay)
+            return self.apply(decay)
         self.wait()
-        self.pending = self.pool.submit(update_ema, self.ema, self.model, decay, 16384)
+        self.pending = self.pool.submit(self.apply, decay)
 
     def wait(self):
         if self.pending is not None:
@@ -354,6 +354,9 @@ def previous_state(ckpt_path, meta, args):
     state = load_checkpoint(ckpt_path, ("model", "ema", "opt", "args", "meta", "step", "rng"))
     if state["meta"]["key"] != meta["key"]:  # another level, depth, σ or size: never overwrite it
         raise data.UsageError(f"{ckpt_path} holds another model (key {state['meta']['key']}); use another --run-dir")
+    if Path(state["meta"]["cache"]).name != meta["cache"] and meta["conds"]:  # latents of another encoder
+        raise data.UsageError(f"{ckpt_path} was trained on the latent cache {Path(state['meta']['cache']).name}, not "
+                              f"{meta['cache']}; use another --run-dir")
     if state["step"] >= args.steps:
         return state
     if not args.resume:

@@ -79,6 +79,7 @@ def breakdown_and_model_only(targs, args, device):
     torch.manual_seed(0)
     model = train.build_model(meta).to(device)
     ema = deepcopy(model).requires_grad_(False)
+    ema_update = train.EMAUpdate(ema, model, background=False)  # inline: the phase is timed alone
     opt = train.make_optimizer(model, targs, device)
     net = torch.compile(model) if targs.compile else model
     diffusion = Diffusion(meta["schedule"], targs.T, targs.prediction).to(device)
@@ -108,7 +109,7 @@ def breakdown_and_model_only(targs, args, device):
         t, noise, noisy, drop = phases("random draws", train.step_draws, targs, k, 0, 1, x, zs, sigmas)
         loss = phases("forward+backward", forward_backward, x, y, t, noise, noisy, drop)
         phases("optimizer", opt.step)
-        phases("EMA", train.update_ema, ema, model, train.ema_decay(targs.ema, k))
+        phases("EMA", ema_update.update, train.ema_decay(targs.ema, k))
         phases("sync (NaN check)", lambda: (nan_watch.add(k, loss), nan_watch.check()))
         if k + 1 == args.warmup:
             phases.times.clear()

@@ -77,7 +77,7 @@ def test_ema_update_closed_form():
         model.weight.fill_(2.0)
         ema.weight.fill_(1.0)
         model.running_mean.fill_(5.0)
-    train.update_ema(ema, model, 0.9)
+    train.EMAUpdate(ema, model, background=False).update(0.9)
     torch.testing.assert_close(ema.weight, torch.full((3,), 0.9 * 1.0 + 0.1 * 2.0))
     torch.testing.assert_close(ema.running_mean, torch.full((3,), 5.0))  # buffers copied
 
@@ -280,6 +280,22 @@ def test_resume_refuses_changes_to_the_model_or_its_optimisation(workspace):
     meta = json.loads((path.parent / "meta.json").read_text())
     assert meta["resumes"] == [{"step": 2, "changed": {"steps": [2, 4], "log_every": [1, 2], "ckpt_every": [1000, 3]}}]
     assert torch.load(path)["meta"]["resumes"] == meta["resumes"]
+
+
+def test_a_finished_level_of_another_latent_cache_is_never_reused(workspace):
+    """A level with conditions trained on another cache (another encoder's latents) is refused even when it is
+    finished; an unconditional one (pixels only) is reused."""
+    for level, reused in ((2, False), (1, True)):
+        depth = 3 if level == 2 else 1
+        ckpt = train.train(argv(workspace, level, depth, "--steps", 2, run=f"other-cache-{level}"))
+        state = torch.load(ckpt, weights_only=False)
+        state["meta"]["cache"] = "glyphs-32px-mocov3-elsewhere"
+        torch.save(state, ckpt)
+        if reused:
+            assert train.train(argv(workspace, level, depth, "--steps", 2, run=f"other-cache-{level}")) == ckpt
+        else:
+            with pytest.raises(data.UsageError, match="trained on the latent cache glyphs-32px-mocov3-elsewhere"):
+                train.train(argv(workspace, level, depth, "--steps", 2, run=f"other-cache-{level}"))
 
 
 def test_resume_with_the_cache_given_by_another_path(workspace, monkeypatch):
