@@ -19,6 +19,7 @@ to what defines the model or its optimisation. One process at a time trains a ru
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -115,6 +116,14 @@ def ema_decay(decay, step):
     """EMA decay at ``step``: min(decay, (1 + step) / (10 + step)), so that short runs are not dominated by the
     initial weights (0.9999 after 500 steps still keeps 95% of them); long runs use ``decay`` (paper: 0.9999)."""
     return min(decay, (1 + step) / (10 + step))
+
+
+def ema_decay_since(decay, first, step):
+    """The factor the every-step EMA puts on its value before step ``first`` by the end of ``step``:
+    the product of ema_decay over first..step. An EMA folded in every N steps with it (``--ema-every``) keeps
+    the every-step EMA's weight on everything before the window and gives the window's N steps to the latest
+    weights; with N = 1 it is ema_decay itself, to the bit."""
+    return math.prod(ema_decay(decay, k) for k in range(first, step + 1))
 
 
 def make_optimizer(model, args, device):
@@ -296,7 +305,7 @@ def check_flags(args):
     if args.sigma and len(args.sigma) != args.depth - args.level:
         raise data.UsageError(f"--sigma takes {args.depth - args.level} values (one per level above {args.level})")
     for flag, low in (("--steps", 1), ("--batch-size", 1), ("--log-every", 1), ("--ckpt-every", 1), ("--T", 2),
-                      ("--warmup", 0), ("--weight-decay", 0), ("--sigma", 0), ("--image-patch", 1)):
+                      ("--warmup", 0), ("--weight-decay", 0), ("--ema-every", 1), ("--sigma", 0), ("--image-patch", 1)):
         data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     data.check_range("--lr", args.lr, 0, strict=True)
     data.check_range("--p-uncond", args.p_uncond, 0, 1)
@@ -317,7 +326,7 @@ def check_args(args, hier):
 
 # what a resumed run may change (recorded in meta.json's "resumes"); the rest of args must match the checkpoint's,
 # apart from the flags the level's key and its cache's name already pin down (level, depth, σ, patch, data, encoder)
-RESUME_FREE = ("steps", "log_every", "ckpt_every", "device", "precision", "compile", "run", "world",
+RESUME_FREE = ("steps", "log_every", "ckpt_every", "ema_every", "device", "precision", "compile", "run", "world",
                "cache_dir", "data_dir", "data_path", "encode_batch", "workers")
 RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "batch_size")
 META_FREE = ("level", "depth", "cache", "cache_rel", "resumes")  # the same level is shared by several depths
@@ -388,9 +397,10 @@ def _log_step(line):
         return float("inf")
 
 
-def snapshot(model, ema, opt, args, meta, step):
-    """The checkpoint after ``step`` steps: weights, EMA, optimiser, args, meta and the RNG states."""
-    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+def snapshot(model, ema, opt, args, meta, step, ema_step):
+    """The checkpoint after ``step`` steps: weights, EMA (holding the first ``ema_step`` steps), optimiser, args,
+    meta and the RNG states."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "ema_step": ema_step,
             "args": vars(args), "meta": meta, "step": step, "rng": rng_state()}
 
 
@@ -476,6 +486,7 @@ def train_level(args, stop, locks):
             print(f"level {args.level} ({key}) is already trained ({state['step']} steps) at {ckpt_path}: reused")
         return ckpt_path
     start_step = state["step"] if state is not None else 0
+    ema_step = state.get("ema_step", start_step) if state is not None else 0  # steps the EMA holds
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever their number
     model = build_model(meta).to(device)
@@ -521,9 +532,11 @@ def train_level(args, stop, locks):
         loss.backward()
         ema_update.wait()  # the previous step's EMA reads the weights that opt.step changes
         opt.step()
-        ema_update.update(ema_decay(args.ema, step))  # runs while the next batch goes forward and backward
-        nan_watch.add(step, loss)
         log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        if (step + 1) % args.ema_every == 0:  # at multiples of N alone, so that a run continued with more --steps
+            ema_update.update(ema_decay_since(args.ema, ema_step, step))  # is the run made at once, to the bit; runs
+            ema_step = step + 1                                           # while the next batch goes forward (GPU)
+        nan_watch.add(step, loss)
         save_now = (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps
         if log_now or save_now:
             nan_watch.check()  # on every rank, before anything is logged or saved
@@ -538,13 +551,13 @@ def train_level(args, stop, locks):
                 log.flush()
         stopping = step + 1 < args.steps and stop.agreed(device, world, log_now)
         if save_now or stopping:
-            ema_update.wait()  # the checkpoint holds this step's EMA
+            ema_update.wait()  # the checkpoint holds the EMA of ema_step steps
             if not (log_now or save_now):
                 nan_watch.check()  # never checkpoint a non-finite model
             if stopping:  # writes the checkpoint itself
-                stop.finish(rank, world, ckpt_path, snapshot(model, ema, opt, args, meta, step + 1), bar, log)
+                stop.finish(rank, world, ckpt_path, snapshot(model, ema, opt, args, meta, step + 1, ema_step), bar, log)
             if rank == 0:
-                save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1))
+                save_checkpoint(ckpt_path, snapshot(model, ema, opt, args, meta, step + 1, ema_step))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -587,13 +600,17 @@ def get_parser():
     p.add_argument("--betas", type=float, nargs=2, default=(0.99, 0.99), help="AdamW betas (COCO: 0.9 0.9)")
     p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
+    p.add_argument("--ema-every", dest="ema_every", type=int, default=8,
+                   help="fold the weights into the EMA at every N-th step with the product of the N steps' decays "
+                        "(1 = every step; a checkpoint's ema_step says how many steps its EMA holds). Saves N-1 of N "
+                        "passes over the weights and their EMA (README, Speed); not in the paper")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (CUDA, or a CPU with native bf16 such as AMX; README, Speed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--run-dir", dest="run", default=None,
                    help="folder holding one sub-folder per trained level (default: runs/<data>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the level's checkpoint where it stopped (only --steps, --log-every, --ckpt-every, "
-                        "--device, --precision, --compile and folders may change)")
+                        "--ema-every, --device, --precision, --compile and folders may change)")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints")
     return p

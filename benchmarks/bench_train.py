@@ -9,14 +9,17 @@ compile) it measures, with train.py's own functions:
 - the model-only step: forward+backward+AdamW on one batch already on the device (what bench_step.py times);
 - train.py itself (train.train, a throw-away run folder), whose steps/s are read from its log.
 
-The last line is the ratio of train.py's step rate to the model-only step rate (goal >= 0.90). The latent
-cache is built when missing (--pretrained random: a seeded untrained encoder, enough for timing).
+The model-only step and train.py are each timed over at least --window seconds, in --repeats pairs run back to
+back; the last line is the median ratio of train.py's step rate to the model-only step rate (goal >= 0.90).
+The EMA row is a mean per step (folded in every --ema-every steps, as train.py does). The latent cache is
+built when missing (--pretrained random: a seeded untrained encoder, enough for timing).
 
     python benchmarks/bench_train.py --level 1 --depth 3 --model XS --batch 64 --image-patch 4
     python benchmarks/bench_train.py --level 3 --depth 3 --model XS --batch 64
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -59,6 +62,10 @@ class Phases:
     def median(self, name):
         return statistics.median(self.times[name])
 
+    def typical(self, name):
+        """The median, or for the EMA, run one step in --ema-every, the mean per step."""
+        return statistics.mean(self.times[name]) if name == "EMA" else self.median(name)
+
 
 def train_args(args, run_dir, steps, log_every):
     """train.py's arguments for this benchmark (a fresh run folder, no checkpoint but the last)."""
@@ -66,7 +73,7 @@ def train_args(args, run_dir, steps, log_every):
         "--data", args.data, "--pretrained", args.pretrained, "--cache-dir", args.cache_dir, "--data-dir", args.data_dir,
         "--level", str(args.level), "--depth", str(args.depth), "--model", args.model, "--batch-size", str(args.batch),
         "--device", args.device, "--precision", args.precision, "--steps", str(steps), "--log-every", str(log_every),
-        "--ckpt-every", str(10 ** 9), "--run-dir", str(run_dir)]
+        "--ckpt-every", str(10 ** 9), "--ema-every", str(args.ema_every), "--run-dir", str(run_dir)]
         + (["--image-patch", str(args.image_patch)] if args.image_patch else []) + (["--compile"] if args.compile else [])
         + (["--reduced-cache"] if args.reduced_cache else []))
 
@@ -109,57 +116,61 @@ def breakdown_and_model_only(targs, args, device):
         t, noise, noisy, drop = phases("random draws", train.step_draws, targs, k, 0, 1, x, zs, sigmas)
         loss = phases("forward+backward", forward_backward, x, y, t, noise, noisy, drop)
         phases("optimizer", opt.step)
-        phases("EMA", ema_update.update, train.ema_decay(targs.ema, k))
+        if (k + 1) % targs.ema_every == 0:  # train.py's cadence (--ema-every); its row is a mean per step
+            phases("EMA", ema_update.update, train.ema_decay_since(targs.ema, k + 1 - targs.ema_every, k))
+        else:
+            phases.times.setdefault("EMA", []).append(0.0)
         phases("sync (NaN check)", lambda: (nan_watch.add(k, loss), nan_watch.check()))
         if k + 1 == args.warmup:
             phases.times.clear()
-    def model_only():  # the same step on one batch that stays on the device: mean seconds over args.steps steps,
-        sync(device)     # timed as train.py's log times its steps/s (a median would flatter the model-only side)
+    def model_only(steps):  # the same step on one batch that stays on the device: mean seconds over ``steps``,
+        sync(device)          # timed as train.py's log times its steps/s (a median would flatter the model-only side)
         start = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             forward_backward(x, y, t, noise, noisy, drop)
             opt.step()
         sync(device)
-        return (time.perf_counter() - start) / args.steps
+        return (time.perf_counter() - start) / steps
     return phases, model_only, model, meta, len(dataset)
 
 
-def loop_rate(targs_fn, args):
-    """Steps/s of train.train itself over ``args.steps`` steps, after a warm-up interval as long, read from its log."""
+def loop_rate(targs_fn, steps):
+    """Steps/s of train.train itself over ``steps`` steps, after a warm-up interval as long, read from its log."""
     with tempfile.TemporaryDirectory() as run_dir:
-        ckpt = train.train(targs_fn(run_dir, 2 * args.steps, args.steps))
+        ckpt = train.train(targs_fn(run_dir, 2 * steps, steps))
         log = [json.loads(line) for line in (Path(ckpt).parent / "log.txt").read_text().splitlines()]
     return log[-1]["steps_per_s"]
 
 
 def main(args):
-    if args.batch < 1 or args.steps < 1 or args.repeats < 1:
-        raise UsageError("--batch, --steps and --repeats must be >= 1")
+    if min(args.batch, args.steps, args.repeats, args.ema_every) < 1 or args.window < 0:
+        raise UsageError("--batch, --steps, --repeats and --ema-every must be >= 1, --window >= 0")
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     targs_fn = lambda run_dir, steps, log_every: train_args(args, run_dir, steps, log_every)  # noqa: E731
     phases, model_only_fn, model, meta, n_items = breakdown_and_model_only(targs_fn("-", 1, 1), args, device)
-    pairs = []  # (train.py steps/s, model-only seconds) measured back to back, so that both see the same load
-    for _ in range(args.repeats):
-        pairs.append((loop_rate(targs_fn, args), model_only_fn()))
-    rate, model_only = (statistics.median(v) for v in zip(*pairs))
-    ratio = statistics.median(r * s for r, s in pairs)
     names = ["cache read", "reduction", "host->device", "random draws", "forward+backward", "optimizer", "EMA",
              "sync (NaN check)"]
-    total = sum(phases.median(n) for n in names if n in phases.times)
+    total = sum(phases.typical(n) for n in names if n in phases.times)
+    timed = max(args.steps, math.ceil(args.window / total))  # windows of a short step are noisy
+    pairs = []  # (train.py steps/s, model-only seconds) measured back to back, so that both see the same load
+    for _ in range(args.repeats):
+        pairs.append((loop_rate(targs_fn, timed), model_only_fn(timed)))
+    rate, model_only = (statistics.median(v) for v in zip(*pairs))
+    ratio = statistics.median(r * s for r, s in pairs)
     print(f"machine: {machine(device)}")
     print(f"level {args.level} of depth {args.depth}: {meta['key']} | {args.model}, {count_params(model) / 1e6:.2f}M "
           f"params | batch {args.batch} | {args.precision}{', compiled' if args.compile else ''} | {n_items} items")
     print(f"one step run sequentially, synchronised after each phase (median of {args.steps} steps, ms):")
     for name in names:
         if name in phases.times:
-            print(f"  {name:<18}{1e3 * phases.median(name):9.2f}")
+            print(f"  {name:<18}{1e3 * phases.typical(name):9.2f}")
     print(f"  {'total':<18}{1e3 * total:9.2f}")
-    print(f"model-only step (inputs on the device; mean of {args.steps}): {1e3 * model_only:.2f} ms = {1 / model_only:.2f} steps/s")
+    print(f"model-only step (inputs on the device; mean of {timed}): {1e3 * model_only:.2f} ms = {1 / model_only:.2f} steps/s")
     print(f"train.py loop: {rate:.2f} steps/s")
-    print(f"(medians over {args.repeats} pairs, each a run of train.py timed over {args.steps} steps after "
-          f"{args.steps} warm-up steps, then {args.steps} model-only steps; ratio per pair: "
+    print(f"(medians over {args.repeats} pairs, each a run of train.py timed over {timed} steps after "
+          f"{timed} warm-up steps, then {timed} model-only steps; ratio per pair: "
           f"{', '.join(f'{r * s:.3f}' for r, s in pairs)})")
     print(f"end-to-end / model-only: {ratio:.3f}")
 
@@ -179,8 +190,13 @@ def get_parser():
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (train.py --precision)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--reduced-cache", action="store_true", help="read the reduced latents (hierarchy.py --reduced-cache)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (breakdown, model-only) and steps per log interval")
-    p.add_argument("--repeats", type=int, default=3, help="pairs of (train.py run, model-only timing), back to back")
+    p.add_argument("--steps", type=int, default=10, help="steps of the breakdown, and the fewest timed steps of the "
+                   "model-only step and of train.py's log interval")
+    p.add_argument("--window", type=float, default=2.0, help="seconds the model-only and train.py timings each span at "
+                   "least (more steps for a short step: ten 45 ms steps are too few to time)")
+    p.add_argument("--ema-every", type=int, default=train.get_parser().get_default("ema_every"),
+                   help="train.py --ema-every")
+    p.add_argument("--repeats", type=int, default=5, help="pairs of (train.py run, model-only timing), back to back")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the breakdown and the model-only step")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return p

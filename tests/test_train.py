@@ -45,7 +45,7 @@ def argv(tmp, level, depth, *extra, run="runs"):
     return train.get_parser().parse_args([
         "--data", f"folder:{tmp / 'imgs'}", "--image-size", "16", "--clip", "tiny-clip-train", "--pretrained", "random",
         "--min-crop", "8", "--image-space", "pixels", "--cache-dir", str(tmp / "cache"), "--level", str(level), "--depth", str(depth),
-        "--model", "tiny", "--batch-size", "8", "--warmup", "2", "--lr", "1e-3", "--ema", "0.9", "--log-every", "1",
+        "--model", "tiny", "--batch-size", "8", "--warmup", "2", "--lr", "1e-3", "--ema", "0.9", "--ema-every", "1", "--log-every", "1",
         "--ckpt-every", "1000", "--device", "cpu", "--run-dir", str(tmp / run), *[str(e) for e in extra]])
 
 
@@ -62,9 +62,13 @@ def states_equal(a, b):
 
 @pytest.mark.parametrize("level, cond", [(1, "none"), (2, "class")])
 def test_resume_is_exact(workspace, level, cond):
-    straight = torch.load(train.train(argv(workspace, level, 3, "--steps", 6, "--cond", cond, run=f"s{level}")))
-    train.train(argv(workspace, level, 3, "--steps", 3, "--cond", cond, run=f"r{level}"))
-    resumed = torch.load(train.train(argv(workspace, level, 3, "--steps", 6, "--cond", cond, "--resume", run=f"r{level}")))
+    """6 steps straight equal 3 steps continued to 6, bit for bit; the EMA, folded in every 2nd step, is caught
+    between two folds at step 3 (ema_step 2)."""
+    straight = torch.load(train.train(argv(workspace, level, 3, "--steps", 6, "--cond", cond, "--ema-every", 2, run=f"s{level}")))
+    half = torch.load(train.train(argv(workspace, level, 3, "--steps", 3, "--cond", cond, "--ema-every", 2, run=f"r{level}")))
+    assert half["ema_step"] == 2
+    resumed = torch.load(train.train(argv(workspace, level, 3, "--steps", 6, "--cond", cond, "--ema-every", 2, "--resume",
+                                          run=f"r{level}")))
     assert straight["step"] == resumed["step"] == 6
     for part in ("model", "ema"):
         states_equal(straight[part], resumed[part])
@@ -226,6 +230,24 @@ def test_checkpoint_of_another_level_is_refused(workspace):
     assert (workspace / "other" / key / "ckpt.pt").read_bytes() == top.read_bytes()
 
 
+def test_ema_every_n_steps_closed_form():
+    """ema_decay_since is the product of the per-step decays (ema_decay itself for one step, to the bit); folded in
+    every 3 steps it equals the every-step EMA when the weights do not change within the window."""
+    assert train.ema_decay_since(0.9999, 7, 7) == train.ema_decay(0.9999, 7)
+    assert train.ema_decay_since(0.999, 5, 8) == pytest.approx(6 / 15 * 7 / 16 * 8 / 17 * 9 / 18)
+    model, every, once = (torch.nn.Linear(4, 3) for _ in range(3))
+    once.load_state_dict(every.state_dict())
+    each, third = train.EMAUpdate(every, model, background=False), train.EMAUpdate(once, model, background=False)
+    for window in range(4):
+        with torch.no_grad():
+            model.weight.normal_()  # new weights at the first step of each window, kept for its 3 steps
+        for step in range(3 * window, 3 * window + 3):
+            each.update(train.ema_decay(0.999, step))
+        third.update(train.ema_decay_since(0.999, 3 * window, 3 * window + 2))
+    torch.testing.assert_close(once.weight, every.weight, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(once.weight, model.weight)
+
+
 def test_ema_decay_warms_up_to_the_paper_value():
     assert train.ema_decay(0.9999, 0) == pytest.approx(0.1)
     assert train.ema_decay(0.9999, 90) == pytest.approx(91 / 100)
@@ -330,7 +352,7 @@ def test_damaged_checkpoint_is_named(workspace, tmp_path, contents, message):
 def test_signal_writes_a_checkpoint_and_resume_is_exact(workspace, monkeypatch, capsys):
     """SIGINT in step 4 (of 8): the step finishes, ckpt.pt holds 4 steps, exit code 130 with one line; resuming
     to 8 steps equals 8 steps straight, bit for bit, and log.txt has steps 1..8 once each, in order."""
-    straight = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, run="sig-straight")))
+    straight = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, "--ema-every", 3, run="sig-straight")))
     original, calls = train.Diffusion.loss, []
 
     def loss(self, *a, **kw):
@@ -341,15 +363,15 @@ def test_signal_writes_a_checkpoint_and_resume_is_exact(workspace, monkeypatch, 
     monkeypatch.setattr(train.Diffusion, "loss", loss)
     handler = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a shell's background job
     with pytest.raises(SystemExit) as e:
-        train.train(argv(workspace, 2, 3, "--steps", 8, run="sig"))
+        train.train(argv(workspace, 2, 3, "--steps", 8, "--ema-every", 3, run="sig"))
     assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is handler  # restored
     assert "error: stopped by SIGINT after step 4; checkpoint" in capsys.readouterr().err
     path = next((workspace / "sig").glob("*/ckpt.pt"))
-    assert torch.load(path)["step"] == 4
+    assert torch.load(path)["step"] == 4 and torch.load(path)["ema_step"] == 3  # the EMA holds steps 1..3
     with open(path.parent / "log.txt", "a") as log:  # a line written after the checkpoint, and one cut short
         log.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
     monkeypatch.undo()
-    resumed = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, "--resume", run="sig")))
+    resumed = torch.load(train.train(argv(workspace, 2, 3, "--steps", 8, "--ema-every", 3, "--resume", run="sig")))
     for part in ("model", "ema"):
         states_equal(straight[part], resumed[part])
     steps = [json.loads(line)["step"] for line in (path.parent / "log.txt").read_text().splitlines()]
