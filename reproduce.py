@@ -10,7 +10,7 @@ an oracle row: the deepest model with its top latents taken from held-out glyphs
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
-    python reproduce.py --preset quick     # ~23 min on 2 CPU cores (make demo; README)
+    python reproduce.py --preset quick     # ~17 min on 2 CPU cores (make demo; README)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
     python reproduce.py --preset quick-long  # quick with 2x the image-level training
@@ -111,6 +111,7 @@ def resolve_encoder(args, cfg):
 
 def main(args):
     cfg = PRESETS[args.preset]
+    args.given = given_flags(args)  # for results.md's command
     resolve_encoder(args, cfg)
     suffix = "" if args.encoder == "clip" else f"-{args.encoder}"  # another encoder's levels never share a folder
     out = Path(args.out or f"results/{args.preset}{suffix}")
@@ -229,12 +230,16 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
     return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref), npz
 
 
+def given_flags(args):
+    """The flags given another value than their default, before main fills in those that depend on the preset
+    (the device is named beside the command, with the machine)."""
+    return [k for k, v in vars(args).items() if v != get_parser().get_default(k) and k not in ("preset", "device")]
+
+
 def command_line(args):
-    """The reproduce.py command of this run: the preset and the flags that change its models."""
-    flags = [f"--{k.replace('_', '-')} {getattr(args, k)}"
-             for k in ("encoder", "pretrained", "cond_path", "prediction", "text_path")
-             if getattr(args, k) != get_parser().get_default(k)]
-    return " ".join(["python reproduce.py --preset", args.preset] + flags)
+    """The reproduce.py command of this run: the preset and every flag of ``args.given`` (given_flags)."""
+    return " ".join(["python reproduce.py --preset", args.preset] + [f"--{k.replace('_', '-')} {getattr(args, k)}"
+                                                                     for k in args.given])
 
 
 def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reused, timings, total, baseline=None,
@@ -424,7 +429,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick: ~23 min demo; full: README numbers and the σ_2 sweep; long: full's depths 1 and 3 "
+                   help="quick: ~17 min demo; full: README numbers and the σ_2 sweep; long: full's depths 1 and 3 "
                         "with twice the image-level steps; quick-long: the same for quick (seed its run folder with "
                         "a copy of quick's); recon: quick plus a σ = 0 image level and its resamples (quick's run "
                         "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence")

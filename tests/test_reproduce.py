@@ -22,6 +22,7 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
     fids = {(d, tuple(s), 0.0): 10.0 * d + 100 * (s[-1] if s else 0) for d, s in reproduce.models(cfg)}
     fids[2, (0.0,), reproduce.CFG], fids[3, (0.0, 0.5), reproduce.CFG] = 7.0, 8.0
     args = reproduce.get_parser().parse_args(["--preset", "full", "--device", "cpu", "--prediction", "eps", "--precision", "fp32"])
+    args.given = reproduce.given_flags(args)
     oracle = {((0.0, 0.5), 1): (5.0, 0.1), ((0.0, 0.5), 2): (4.0, 0.05), ((0.0, 0.0), 2): (3.0, 0.02)}
     reproduce.write_results(tmp_path, args, cfg, 10, 2, [("random", 0.1, 0.2)], {"z1x1c64": 1.0}, fids,
                             oracle, ["a"], {"train": 60.0}, 120.0, baseline=40.0, unconditional=0.2)
@@ -38,7 +39,7 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {(r["depth"], tuple(r["sigmas"]), r["cfg"]): r["fid"] for r in saved["fid"]} == fids
     assert saved["ratios"] == {"depth3/depth1": 8.0, "depth3/1*": 2.0} and saved["unconditional_mse"] == 0.2
-    assert "Command: `python reproduce.py --preset full --prediction eps` — " in lines[2] and saved["prediction"] == "eps"
+    assert "Command: `python reproduce.py --preset full --prediction eps --precision fp32` — " in lines[2] and saved["prediction"] == "eps"
 
 
 def test_cond_preset_trains_each_mode_at_its_paper_sigma():
@@ -72,6 +73,7 @@ def test_cond_tables_put_each_number_in_its_cell(tmp_path):
               for k, p in enumerate(reproduce.PROMPTS[c])}
     targets = {(c, p): k for c in cfg["conds"] for k, p in enumerate(reproduce.PROMPTS[c])}
     args = reproduce.get_parser().parse_args(["--preset", "cond", "--device", "cpu", "--precision", "fp32"])
+    args.given = reproduce.given_flags(args)
     reproduce.write_cond_results(tmp_path, args, cfg, fids, shares, targets, 0.8, {"train": 60.0}, 120.0)
     text = (tmp_path / "results.md").read_text()
     lines = text.splitlines()
@@ -195,11 +197,13 @@ def test_mocov3_results_name_the_encoder_and_its_command(tmp_path):
     args = reproduce.get_parser().parse_args(["--preset", "quick", "--encoder", "mocov3", "--pretrained",
                                               str(tmp_path / "m.pt"), "--device", "cpu", "--precision", "fp32"])
     cfg = reproduce.PRESETS["quick"]
+    args.given = reproduce.given_flags(args)
     reproduce.resolve_encoder(args, cfg)
     fids = {(1, (), 0.0): 100.0, (3, (0.0, 0.5), 0.0): 90.0}
     reproduce.write_results(tmp_path, args, cfg, 10, 2, [("trained", 0.3, 0.5)], {}, fids, {}, [], {}, 60.0)
     lines = (tmp_path / "results.md").read_text().splitlines()
-    assert f"Command: `python reproduce.py --preset quick --encoder mocov3 --pretrained {tmp_path / 'm.pt'}` — " in lines[2]
+    assert (f"Command: `python reproduce.py --preset quick --encoder mocov3 --pretrained {tmp_path / 'm.pt'} --precision "
+            "fp32` — ") in lines[2]
     assert f"Encoder: MoCo-v3 ViT ({tmp_path / 'm.pt'})." in lines[4]
     assert "MoCo-v3 ViT, KNN radical accuracy (K = 20) on the held-out glyphs:" in lines
     saved = json.loads((tmp_path / "results.json").read_text())
