@@ -56,16 +56,22 @@ def make_optimizer(model, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def autocast(model, device, precision):
-    """The context of one training step at ``precision``: nothing for fp32, else bf16 autocast. On the CPU
-    torch's flash attention kernel is slow in bf16 (denoiser.Attention): timm's ViT attention switches to plain
-    matmuls, and any other F.scaled_dot_product_attention (open_clip's) runs torch's math kernel."""
+def plain_attention(model, device, precision):
+    """At set-up, for bf16 on the CPU, where torch's flash attention kernel is slow (denoiser.Attention): timm's
+    ViT attention (``fused_attn``) computed as plain matmuls and a softmax; returns the model."""
+    if precision == "bf16" and device.type == "cpu":
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):  # timm's Attention
+                module.fused_attn = False
+    return model
+
+
+def autocast(device, precision):
+    """The context of one training step at ``precision``: nothing for fp32, else bf16 autocast; on the CPU any
+    F.scaled_dot_product_attention left (open_clip's) runs torch's math kernel (see plain_attention)."""
     stack = contextlib.ExitStack()
     if precision == "bf16":
         if device.type == "cpu":
-            for module in model.modules():
-                if hasattr(module, "fused_attn"):  # timm's Attention
-                    module.fused_attn = False
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
     return stack
@@ -80,7 +86,7 @@ def clip_step(model, opt, loss_fn, x, tokens, mean, std, precision="fp32"):
     """One contrastive step on a batch of images (B, C, H, W) in [-1, 1] and their caption tokens; returns the loss."""
     model.train()
     image_size = model.visual.image_size[0]
-    with autocast(model, x.device, precision):
+    with autocast(x.device, precision):
         img, txt, scale = model(preprocess(x, image_size, mean, std), tokens)  # L2-normalised features, exp(logit_scale)
         loss = loss_fn(img, txt, scale)
     opt.zero_grad(set_to_none=True)
@@ -104,6 +110,7 @@ def train_clip(args):
         raise data.UsageError(f"--data {args.data} has no captions; CLIP training needs captions (use glyphs or coco)")
     torch.manual_seed(args.seed)
     model = open_clip.create_model(args.clip).to(args.device)  # initialised on the CPU: the same weights on any device
+    plain_attention(model, torch.device(args.device), args.precision)
     tokenizer = open_clip.get_tokenizer(args.clip)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=args.device).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"], device=args.device).view(1, 3, 1, 1)
@@ -274,7 +281,7 @@ def train_mocov3(args):
                                   "use the same flags to resume, or another --out")
     cfg = encoder.VITS[args.vit]
     torch.manual_seed(args.seed)
-    model = MoCo(cfg, args.mlp_dim, args.dim).to(device).train()
+    model = plain_attention(MoCo(cfg, args.mlp_dim, args.dim).to(device).train(), device, args.precision)
     lr = args.lr * args.batch_size / 256  # MoCo-v3's linear scaling rule
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
     start = 0
@@ -297,7 +304,7 @@ def train_mocov3(args):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
         x = x.to(device)
         views = [preprocess(augment(x, g, size, args.crop_min), size, mean, std) for _ in range(2)]  # 2 x (B, 3, S, S)
-        with autocast(model, device, args.precision):
+        with autocast(device, args.precision):
             loss = model(*views, m, args.temperature)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. The last checkpoint is kept at "
