@@ -36,7 +36,7 @@ import hierarchy as H
 import sample
 import train
 import train_encoder
-from denoiser import COND_PATHS, TEXT_PATHS, native_bf16
+from denoiser import COND_PATHS, SIZES, TEXT_PATHS, native_bf16
 from diffusion import PREDICTIONS
 
 QUICK = dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3), n_samples=256,
@@ -110,8 +110,10 @@ def resolve_encoder(args, cfg):
 
 
 def main(args):
-    cfg = PRESETS[args.preset]
+    cfg = PRESETS[args.preset] | ({"baseline": args.baseline} if args.baseline else {})
     args.given = given_flags(args)  # for results.md's command
+    if args.baseline and (args.baseline not in SIZES or "conds" in cfg):
+        raise data.UsageError(f"--baseline takes a denoiser size ({', '.join(SIZES)}) and an unconditional preset")
     resolve_encoder(args, cfg)
     suffix = "" if args.encoder == "clip" else f"-{args.encoder}"  # another encoder's levels never share a folder
     out = Path(args.out or f"results/{args.preset}{suffix}")
@@ -441,6 +443,9 @@ def get_parser():
     p.add_argument("--pretrained", default=None,
                    help="--encoder mocov3: its weights, which must exist (train_encoder.py --objective mocov3 --train "
                         "--data glyphs --out FILE; default: checkpoints/mocov3-glyphs.pt)")
+    p.add_argument("--baseline", default=None,
+                   help="also train and sample Table 6's L = 1*: one level of this denoiser size (XS+: about the "
+                        "forward GMACs of depth 3), same steps and batch as the image levels (full: XS+; others: none)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
     p.add_argument("--cache-dir", default="cache", help="latent caches")
     p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>; recon: quick's; "

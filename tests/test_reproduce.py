@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import data
 import reproduce
 
 
@@ -208,3 +209,12 @@ def test_mocov3_results_name_the_encoder_and_its_command(tmp_path):
     assert "MoCo-v3 ViT, KNN radical accuracy (K = 20) on the held-out glyphs:" in lines
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["encoder"] == "mocov3" and saved["encoder_weights"] == str(tmp_path / "m.pt")
+
+
+def test_baseline_flag_is_checked_before_anything_is_built(tmp_path, monkeypatch):
+    """--baseline takes a denoiser size and an unconditional preset; a bad one stops at once (one line, exit 2)."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--preset", "quick", "--baseline", "XXL"], ["--preset", "cond", "--baseline", "XS+"]):
+        with pytest.raises(data.UsageError, match="--baseline takes a denoiser size"):
+            reproduce.main(reproduce.get_parser().parse_args(argv + ["--device", "cpu"]))
+    assert list(tmp_path.iterdir()) == []  # no results folder, no data, no cache
