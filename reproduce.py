@@ -111,9 +111,14 @@ def resolve_encoder(args, cfg):
 
 def main(args):
     cfg = PRESETS[args.preset] | ({"baseline": args.baseline} if args.baseline else {})
+    if args.depths:  # the oracle then keeps all latents of the deepest model
+        cfg |= {"depths": tuple(sorted(set(args.depths))), "oracle_keep": (max(args.depths) - 1,)}
     args.given = given_flags(args)  # for results.md's command
     if args.baseline and (args.baseline not in SIZES or "conds" in cfg):
         raise data.UsageError(f"--baseline takes a denoiser size ({', '.join(SIZES)}) and an unconditional preset")
+    if args.depths and (min(args.depths) != 1 or max(args.depths) > 5):
+        raise data.UsageError(f"--depths takes depths from 1 to 5, including 1 (the ratios divide by depth 1); "
+                              f"got {' '.join(map(str, args.depths))}")
     resolve_encoder(args, cfg)
     suffix = "" if args.encoder == "clip" else f"-{args.encoder}"  # another encoder's levels never share a folder
     out = Path(args.out or f"results/{args.preset}{suffix}")
@@ -443,6 +448,9 @@ def get_parser():
     p.add_argument("--pretrained", default=None,
                    help="--encoder mocov3: its weights, which must exist (train_encoder.py --objective mocov3 --train "
                         "--data glyphs --out FILE; default: checkpoints/mocov3-glyphs.pt)")
+    p.add_argument("--depths", type=int, nargs="+", default=None,
+                   help="the depths L to train and sample instead of the preset's (quick: 1 3; full: 1 2 3), e.g. 1 3 4; "
+                        "levels shared with a shallower model are reused (paper §4.1)")
     p.add_argument("--baseline", default=None,
                    help="also train and sample Table 6's L = 1*: one level of this denoiser size (XS+: about the "
                         "forward GMACs of depth 3), same steps and batch as the image levels (full: XS+; others: none)")

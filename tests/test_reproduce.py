@@ -211,10 +211,12 @@ def test_mocov3_results_name_the_encoder_and_its_command(tmp_path):
     assert saved["encoder"] == "mocov3" and saved["encoder_weights"] == str(tmp_path / "m.pt")
 
 
-def test_baseline_flag_is_checked_before_anything_is_built(tmp_path, monkeypatch):
-    """--baseline takes a denoiser size and an unconditional preset; a bad one stops at once (one line, exit 2)."""
+def test_baseline_and_depths_flags_are_checked_before_anything_is_built(tmp_path, monkeypatch):
+    """--baseline takes a denoiser size and an unconditional preset, --depths includes 1; a bad value stops at once."""
     monkeypatch.chdir(tmp_path)
-    for argv in (["--preset", "quick", "--baseline", "XXL"], ["--preset", "cond", "--baseline", "XS+"]):
-        with pytest.raises(data.UsageError, match="--baseline takes a denoiser size"):
+    for argv, message in ((["--preset", "quick", "--baseline", "XXL"], "--baseline takes a denoiser size"),
+                          (["--preset", "cond", "--baseline", "XS+"], "--baseline takes a denoiser size"),
+                          (["--preset", "quick", "--depths", "3", "4"], "--depths takes depths from 1 to 5")):
+        with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(argv + ["--device", "cpu"]))
     assert list(tmp_path.iterdir()) == []  # no results folder, no data, no cache
