@@ -10,11 +10,11 @@ an oracle row: the deepest model with its top latents taken from held-out glyphs
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
-    python reproduce.py --preset quick     # ~17 min on 2 CPU cores (make demo; README)
+    python reproduce.py --preset quick     # depths 1 and 4, ~17 min on 2 CPU cores (make demo; README)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
-    python reproduce.py --preset quick-long  # quick with 2x the image-level training
-    python reproduce.py --preset recon     # quick + an image level trained with σ = 0 and its resamples (Fig. 4)
+    python reproduce.py --preset quick-long  # quick's depths 1 and 3 with 2x the image-level training
+    python reproduce.py --preset recon     # quick at depth 3 + an image level trained with σ = 0, its resamples (Fig. 4)
     python reproduce.py --preset cond      # class- and text-conditional depths 1 and 3: FID, prompt adherence
 
 ``--encoder mocov3 --pretrained FILE`` runs a preset on a MoCo-v3 ViT trained on the glyphs (train_encoder.py
@@ -39,8 +39,9 @@ import train_encoder
 from denoiser import COND_PATHS, SIZES, TEXT_PATHS, native_bf16
 from diffusion import PREDICTIONS
 
-QUICK = dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 3), n_samples=256,
-             sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(2,))
+QUICK = dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 4), n_samples=256,
+             sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(3,))
+QUICK3 = dict(QUICK, depths=(1, 3), oracle_keep=(2,))  # the quick preset before it went to depth 4 (README)
 PRESETS = {
     "quick": QUICK,
     "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
@@ -51,10 +52,10 @@ PRESETS = {
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
     # the quick preset with twice the image-level budget (its encoder; seeded with a copy of its run folder, only
     # the image levels' second 800 steps are trained: under the constant learning rate that equals 1,600 from scratch)
-    "quick-long": dict(QUICK, clip_of="quick", steps=1600),
+    "quick-long": dict(QUICK3, clip_of="quick", steps=1600),
     # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus a depth-3 image level trained
     # with clean conditions, its FID, and the held-out glyphs resampled from all their latents through it
-    "recon": dict(QUICK, clip_of="quick", runs_of="quick", sigma_sweep=(0.0,), oracle_sigmas=((0.0, 0.0),)),
+    "recon": dict(QUICK3, clip_of="quick", runs_of="quick", sigma_sweep=(0.0,), oracle_sigmas=((0.0, 0.0),)),
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence
     "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64),
@@ -245,7 +246,8 @@ def given_flags(args):
 
 def command_line(args):
     """The reproduce.py command of this run: the preset and every flag of ``args.given`` (given_flags)."""
-    return " ".join(["python reproduce.py --preset", args.preset] + [f"--{k.replace('_', '-')} {getattr(args, k)}"
+    shown = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+    return " ".join(["python reproduce.py --preset", args.preset] + [f"--{k.replace('_', '-')} {shown(getattr(args, k))}"
                                                                      for k in args.given])
 
 
@@ -436,10 +438,11 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick: ~17 min demo; full: README numbers and the σ_2 sweep; long: full's depths 1 and 3 "
-                        "with twice the image-level steps; quick-long: the same for quick (seed its run folder with "
-                        "a copy of quick's); recon: quick plus a σ = 0 image level and its resamples (quick's run "
-                        "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence")
+                   help="quick: ~17 min demo, depths 1 and 4; full: README numbers and the σ_2 sweep; long: full's depths 1 "
+                        "and 3 with twice the image-level steps; quick-long: the same for quick at depths 1 and 3 "
+                        "(seed its run folder with a copy of quick's); recon: quick at depths 1 and 3 plus a σ = 0 "
+                        "image level and its resamples (quick's run folder); cond: class- and text-conditional "
+                        "depths 1 and 3, FID and prompt adherence")
     p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
                         "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained; not for preset cond)")
@@ -449,7 +452,7 @@ def get_parser():
                    help="--encoder mocov3: its weights, which must exist (train_encoder.py --objective mocov3 --train "
                         "--data glyphs --out FILE; default: checkpoints/mocov3-glyphs.pt)")
     p.add_argument("--depths", type=int, nargs="+", default=None,
-                   help="the depths L to train and sample instead of the preset's (quick: 1 3; full: 1 2 3), e.g. 1 3 4; "
+                   help="the depths L to train and sample instead of the preset's (quick: 1 4; full: 1 2 3), e.g. 1 3 4; "
                         "levels shared with a shallower model are reused (paper §4.1)")
     p.add_argument("--baseline", default=None,
                    help="also train and sample Table 6's L = 1*: one level of this denoiser size (XS+: about the "

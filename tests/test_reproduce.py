@@ -15,7 +15,8 @@ def test_full_preset_trains_each_depth_then_the_sigma_sweep():
         (1, []), (2, [0.0]), (3, [0.0, 0.5]),       # the paper's σ (unconditional: 0 on 1×1, 0.5 on 2×2)
         (2, [0.5]), (2, [1.0]),                     # depth 2: σ_2 swept, the default 0 already trained
         (3, [0.0, 0.0]), (3, [0.0, 1.0])]           # depth 3: σ_3 kept at 0, σ_2 swept
-    assert reproduce.models(reproduce.PRESETS["quick"]) == [(1, []), (3, [0.0, 0.5])]
+    assert reproduce.models(reproduce.PRESETS["quick"]) == [(1, []), (4, [0.0, 0.5, 0.5])]
+    assert reproduce.models(reproduce.PRESETS["recon"]) == [(1, []), (3, [0.0, 0.5]), (3, [0.0, 0.0])]
 
 
 def test_results_tables_put_each_fid_in_its_cell(tmp_path):
@@ -200,7 +201,7 @@ def test_mocov3_results_name_the_encoder_and_its_command(tmp_path):
     cfg = reproduce.PRESETS["quick"]
     args.given = reproduce.given_flags(args)
     reproduce.resolve_encoder(args, cfg)
-    fids = {(1, (), 0.0): 100.0, (3, (0.0, 0.5), 0.0): 90.0}
+    fids = {(1, (), 0.0): 100.0, (4, (0.0, 0.5, 0.5), 0.0): 90.0}
     reproduce.write_results(tmp_path, args, cfg, 10, 2, [("trained", 0.3, 0.5)], {}, fids, {}, [], {}, 60.0)
     lines = (tmp_path / "results.md").read_text().splitlines()
     assert (f"Command: `python reproduce.py --preset quick --encoder mocov3 --pretrained {tmp_path / 'm.pt'} --precision "
