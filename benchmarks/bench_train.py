@@ -117,7 +117,8 @@ def breakdown_and_model_only(targs, args, device):
         loss = phases("forward+backward", forward_backward, x, y, t, noise, noisy, drop)
         phases("optimizer", opt.step)
         if (k + 1) % targs.ema_every == 0:  # train.py's cadence (--ema-every); its row is a mean per step
-            phases("EMA", ema_update.update, train.ema_decay_since(targs.ema, k + 1 - targs.ema_every, k))
+            decay = train.ema_decay_since(targs.ema, k + 1 - targs.ema_every, k)
+            phases("EMA", ema_update.update, decay)
         else:
             phases.times.setdefault("EMA", []).append(0.0)
         phases("sync (NaN check)", lambda: (nan_watch.add(k, loss), nan_watch.check()))
