@@ -48,7 +48,8 @@ CONDS = ("none", "class", "text")  # conditioning modes: unconditional, class la
 SIZES = {
     "tiny": dict(width=64, depth=2, heads=4),     # tests
     "XS": dict(width=192, depth=6, heads=3),      # laptop CPU: the glyph reproduction
-    "XS+": dict(width=192, depth=7, heads=3),     # XS one block deeper: the glyph "L = 1*" baseline (Table 6)
+    "XS+": dict(width=192, depth=7, heads=3),     # XS one block deeper: the glyph "L = 1*" baseline of depth 3 (Table 6)
+    "XS++": dict(width=192, depth=8, heads=3),    # two blocks deeper: the glyph "L = 1*" baseline of depth 4
     "S": dict(width=384, depth=12, heads=6),      # DiT-S
     "B": dict(width=768, depth=12, heads=12),     # DiT-B: the paper's width 768 and depth 12 (U-ViT "Mid")
     "L": dict(width=1024, depth=24, heads=16),    # DiT-L
