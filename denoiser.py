@@ -3,9 +3,9 @@
 Paper §3.2 / §4.1 (shared/paper.md §3): level l is denoised by its own transformer that sees the noisy z_l
 tokens plus the tokens of ALL higher levels z_{>l} (non-Markovian), each with a learnable empty version
 for classifier-free guidance (dropped with p = 0.1). Token layout (shared/paper.md §3.2, the layout that
-reproduces the paper's GFLOPs; hierarchy.token_patch): an M x M latent grid is patchified with patch 1 when
-M <= 2 and patch 2 when M >= 4, so 1x1 -> 1 token, 2x2 -> 4, 4x4 -> 4, 8x8 -> 16; the image level (SD-VAE
-4x32x32) uses patch 2.
+reproduces the paper's GFLOPs; token_patch): an M x M latent grid is patchified with patch 1 when M <= 2
+and patch 2 when M >= 4, so 1x1 -> 1 token, 2x2 -> 4, 4x4 -> 4, 8x8 -> 16; the image level (SD-VAE 4x32x32)
+uses patch 2.
 
 The paper used U-ViT (Bao et al. 2023: time/label as tokens, long skips). Following the project's card we
 use DiT (Peebles & Xie 2023, §3.2): adaLN-Zero blocks conditioned on timestep (+ class) embedding, fixed
@@ -39,7 +39,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import data
 from data import UsageError
 from diffusion import guided_eps
-from hierarchy import token_patch
 
 COND_PATHS = ("tokens", "adaln", "both", "grid")  # how higher latent levels enter the denoiser (see the module docstring)
 TEXT_PATHS = ("tokens", "adaln")  # how a caption enters the denoiser (see the module docstring)
@@ -55,6 +54,11 @@ SIZES = {
     "L": dict(width=1024, depth=24, heads=16),    # DiT-L
     "XL": dict(width=1152, depth=28, heads=16),   # DiT-XL
 }
+
+
+def token_patch(grid: int) -> int:
+    """Patch size of an M x M latent grid in the paper's token layout: 1 if M <= 2 else 2."""
+    return 1 if grid <= 2 else 2
 
 
 def patchify(x, p):

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import data
 from encoder import Encoder, MoCoV3Encoder, WeightsUnavailable
+from denoiser import token_patch
 
 VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet): latents are scaled to about unit variance
 VAE_SCALES = {"coco": 0.23010}  # per-dataset exceptions (U-ViT's COCO scripts, shared/paper.md §4.2)
@@ -75,11 +76,6 @@ class Level:
 def latent_channels(grid, enc_dim):
     """Channels kept at an M×M level: min(256, D/2) at the top, halved per doubling of M (paper §2.2)."""
     return max(1, min(256, enc_dim // 2) // grid)
-
-
-def token_patch(grid: int) -> int:
-    """Patch size of an M x M latent grid in the paper's token layout: 1 if M <= 2 else 2."""
-    return 1 if grid <= 2 else 2
 
 
 def level_specs(depth, enc_dim, image_shape, image_patch):

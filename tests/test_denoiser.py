@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from data import UsageError
-from denoiser import SIZES, Attention, Denoiser, build_model, count_params, forward_gmacs, patchify, unpatchify
-from hierarchy import token_patch
+from denoiser import SIZES, Attention, Denoiser, build_model, count_params, forward_gmacs, patchify, token_patch, unpatchify
 
 # paper layout (shared/paper.md §2.2), top-down: z_5 1x1x256, z_4 2x2x128, z_3 4x4x64, z_2 8x8x32; image 4x32x32
 LATENTS = [(256, 1, 1), (128, 2, 2), (64, 4, 4), (32, 8, 8)]

@@ -1,11 +1,11 @@
-"""The house rule on imports: they run one way, data → encoder → hierarchy → diffusion → denoiser → the scripts
-(train, sample, evaluate, train_encoder) → reproduce, which runs the scripts. No import runs upward or in a
-circle, and none hides inside a function."""
+"""The house rule on imports: they run one way, data → encoder → diffusion → denoiser → hierarchy (which lays
+its levels out in the denoiser's tokens) → the scripts (train, sample, evaluate, train_encoder) → reproduce, which
+runs the scripts. No import runs upward, sideways or in a circle, and none hides inside a function."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RANK = {"data": 0, "encoder": 1, "hierarchy": 2, "diffusion": 3, "denoiser": 4,
+RANK = {"data": 0, "encoder": 1, "diffusion": 2, "denoiser": 3, "hierarchy": 4,
         "train": 5, "sample": 5, "evaluate": 5, "train_encoder": 5, "reproduce": 6}
 
 
@@ -37,5 +37,6 @@ def test_imports_run_one_way_and_at_the_top():
 
 
 def test_the_rule_catches_an_upward_import(tmp_path):
-    (tmp_path / "hierarchy.py").write_text("import data\nfrom denoiser import token_patch\n\ndef f():\n    import train\n")
-    assert project_imports(tmp_path / "hierarchy.py") == [("data", 1, True), ("denoiser", 2, True), ("train", 5, False)]
+    (tmp_path / "denoiser.py").write_text("import data\nfrom hierarchy import Level\n\ndef f():\n    import train\n")
+    assert project_imports(tmp_path / "denoiser.py") == [("data", 1, True), ("hierarchy", 2, True), ("train", 5, False)]
+    assert RANK["hierarchy"] >= RANK["denoiser"]  # so the second import is refused by the rule above
