@@ -72,6 +72,11 @@ def describe_os_error(e):
     return f"{e.strerror or e}{where}{hint}"
 
 
+def as_typed(v):
+    """A flag's value as typed on the command line: lists space-separated."""
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
 def check_range(flag, value, low, high=None, strict=False):
     """UsageError unless ``low`` <= value (``low`` < value if ``strict``) and value <= ``high``, naming the
     flag; ``value`` may be a list (each checked) or None (a default left unset passes)."""

@@ -119,7 +119,7 @@ def main(args):
         raise data.UsageError(f"--baseline takes a denoiser size ({', '.join(SIZES)}) and an unconditional preset")
     if args.depths and (min(args.depths) != 1 or max(args.depths) > 5):
         raise data.UsageError(f"--depths takes depths from 1 to 5, including 1 (the ratios divide by depth 1); "
-                              f"got {' '.join(map(str, args.depths))}")
+                              f"got {data.as_typed(args.depths)}")
     resolve_encoder(args, cfg)
     suffix = "" if args.encoder == "clip" else f"-{args.encoder}"  # another encoder's levels never share a folder
     out = Path(args.out or f"results/{args.preset}{suffix}")
@@ -241,14 +241,14 @@ def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
 def given_flags(args):
     """The flags given another value than their default, before main fills in those that depend on the preset
     (the device is named beside the command, with the machine)."""
-    return [k for k, v in vars(args).items() if v != get_parser().get_default(k) and k not in ("preset", "device")]
+    parser = get_parser()
+    return [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in ("preset", "device")]
 
 
 def command_line(args):
     """The reproduce.py command of this run: the preset and every flag of ``args.given`` (given_flags)."""
-    shown = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
-    return " ".join(["python reproduce.py --preset", args.preset] + [f"--{k.replace('_', '-')} {shown(getattr(args, k))}"
-                                                                     for k in args.given])
+    return " ".join(["python reproduce.py --preset", args.preset]
+                    + [f"--{k.replace('_', '-')} {data.as_typed(getattr(args, k))}" for k in args.given])
 
 
 def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reused, timings, total, baseline=None,

@@ -336,11 +336,6 @@ def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def _shown(v):
-    """A value as typed on the command line: lists space-separated."""
-    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-
 def cache_change(old_meta, meta):
     """"old -> new" when a checkpoint was trained on another latent cache (another encoder or data), else None."""
     old = Path(old_meta["cache"]).name
@@ -351,13 +346,15 @@ def resume_changes(state, meta, args):
     """(refused, allowed): "name old -> new" for each difference between a checkpoint and this run in what
     defines the model or its optimisation (refused), and in the settings a resumed run may change (allowed)."""
     old_meta, old_args = state["meta"], state["args"]
-    refused = [f"{k} {_shown(old_meta[k])} -> {_shown(meta[k])}" for k in meta
+    refused = [f"{k} {data.as_typed(old_meta[k])} -> {data.as_typed(meta[k])}" for k in meta
                if k in old_meta and k not in META_FREE and _plain(old_meta[k]) != _plain(meta[k])]
-    if cache_change(old_meta, meta):
-        refused.append(f"latent cache {cache_change(old_meta, meta)}")
+    cache = cache_change(old_meta, meta)
+    if cache:
+        refused.append(f"latent cache {cache}")
     diff = {k: [old_args[k], getattr(args, k)] for k in old_args
             if hasattr(args, k) and _plain(old_args[k]) != _plain(getattr(args, k))}
-    refused += [f"--{k.replace('_', '-')} {_shown(a)} -> {_shown(b)}" for k, (a, b) in diff.items() if k in RESUME_FIXED]
+    refused += [f"--{k.replace('_', '-')} {data.as_typed(a)} -> {data.as_typed(b)}" for k, (a, b) in diff.items()
+                if k in RESUME_FIXED]
     return refused, {k: v for k, v in diff.items() if k in RESUME_FREE}
 
 
@@ -370,9 +367,9 @@ def previous_state(ckpt_path, meta, args):
     state = load_checkpoint(ckpt_path, ("model", "ema", "opt", "args", "meta", "step", "rng"))
     if state["meta"]["key"] != meta["key"]:  # another level, depth, σ or size: never overwrite it
         raise data.UsageError(f"{ckpt_path} holds another model (key {state['meta']['key']}); use another --run-dir")
-    if cache_change(state["meta"], meta) and meta["conds"]:  # conditioned on the latents of another encoder
-        raise data.UsageError(f"{ckpt_path} was trained on another latent cache ({cache_change(state['meta'], meta)}); "
-                              "use another --run-dir")
+    cache = cache_change(state["meta"], meta)
+    if cache and meta["conds"]:  # conditioned on the latents of another encoder
+        raise data.UsageError(f"{ckpt_path} was trained on another latent cache ({cache}); use another --run-dir")
     if state["step"] >= args.steps:
         return state
     if not args.resume:
