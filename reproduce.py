@@ -46,16 +46,17 @@ PRESETS = {
     "quick": QUICK,
     "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0), oracle_keep=(1, 2),
-                 baseline="XS+", oracle_sigmas=((0.0, 0.0),)),
+                 baseline="XS+", clean=True),
     # the full preset's depths 1 and 3 with twice the image-level budget (same encoder, same latent levels)
     "long": dict(clip_steps=500, clip_of="full", model="XS", steps=2000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
     # the quick preset with twice the image-level budget (its encoder; seeded with a copy of its run folder, only
     # the image levels' second 800 steps are trained: under the constant learning rate that equals 1,600 from scratch)
     "quick-long": dict(QUICK3, clip_of="quick", steps=1600),
-    # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus a depth-3 image level trained
-    # with clean conditions, its FID, and the held-out glyphs resampled from all their latents through it
-    "recon": dict(QUICK3, clip_of="quick", runs_of="quick", sigma_sweep=(0.0,), oracle_sigmas=((0.0, 0.0),)),
+    # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus an image level of the deepest
+    # model trained with clean conditions (every σ = 0), its FID, and the held-out glyphs resampled from all their
+    # latents through it
+    "recon": dict(QUICK3, clip_of="quick", runs_of="quick", clean=True),
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence
     "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64),
@@ -189,7 +190,7 @@ def main(args):
     refs = reference_images(test_set, cfg["n_samples"])
     unconditional = evaluate.paired_mse(np.load(npzs[1, (), 0.0])["arr_0"], refs)
     oracle = {}  # (σ_L … σ_2, top levels kept) -> (FID, paired MSE)
-    for sigmas in [default_sigmas(depth)] + [list(s) for s in cfg.get("oracle_sigmas", ())]:
+    for sigmas in [default_sigmas(depth)] + ([clean_sigmas(depth)] if cfg.get("clean") else []):
         for keep in cfg.get("oracle_keep", ()) if sigmas == default_sigmas(depth) else [depth - 1]:
             fid, npz = sample_fid(depth, sigmas, 0.0, out / f"oracle-{'-'.join(map(str, sigmas))}",
                                   extra=["--reference", "data:glyphs:test", "--keep", str(keep)])
@@ -219,11 +220,18 @@ def reference_images(test_set, n):
     return np.repeat(data.to_uint8(x), 3, -1)
 
 
+def clean_sigmas(depth):
+    """σ_L … σ_2 of Fig. 4's image level: every condition clean."""
+    return [0.0] * (depth - 1)
+
+
 def models(cfg):
-    """(depth, σ_L … σ_2) of every model the preset trains: each depth at the paper's σ, then the σ_2 sweep."""
+    """(depth, σ_L … σ_2) of every model the preset trains: each depth at the paper's σ, then the σ_2 sweep, then
+    (``clean``) the deepest image level with every σ = 0; each once."""
     runs = [(d, default_sigmas(d)) for d in cfg["depths"]]
-    return runs + [(d, default_sigmas(d)[:-1] + [s]) for d in cfg["depths"] if d > 1 for s in cfg["sigma_sweep"]
-                   if s != default_sigmas(d)[-1]]
+    runs += [(d, default_sigmas(d)[:-1] + [s]) for d in cfg["depths"] if d > 1 for s in cfg["sigma_sweep"]]
+    runs += [(max(cfg["depths"]), clean_sigmas(max(cfg["depths"])))] if cfg.get("clean") else []
+    return [r for i, r in enumerate(runs) if r not in runs[:i]]
 
 
 def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
@@ -286,6 +294,10 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
             top, default = default_sigmas(d)[:-1], default_sigmas(d)[-1]
             cells = [fmt((d, tuple(top + [s]), 0.0)) + ("*" if s == default else "") for s in cfg["sigma_sweep"]]
             lines.append(f"| {d} | {', '.join(f'{s:g}' for s in top) or '—'} | " + " | ".join(cells) + " |")
+    if cfg.get("clean"):  # Fig. 4's image level, in the σ sweep's table too where the sweep has it
+        clean = fids[depth, tuple(clean_sigmas(depth)), 0.0]
+        lines += ["", f"Depth {depth} with its image level trained on clean conditions (every σ = 0), no guidance: "
+                  f"FID {clean:.2f}, {clean / fids[1, (), 0.0]:.3f} × depth 1."]
     if oracle:
         lines += ["", f"The oracle: depth {depth} given the top latents of {cfg['n_samples']} held-out glyphs "
                   f"(`sample.py --reference data:glyphs:test --keep K`), the lower levels sampled, no guidance. "
