@@ -53,10 +53,9 @@ PRESETS = {
     # the quick preset with twice the image-level budget (its encoder; seeded with a copy of its run folder, only
     # the image levels' second 800 steps are trained: under the constant learning rate that equals 1,600 from scratch)
     "quick-long": dict(QUICK3, clip_of="quick", steps=1600),
-    # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus an image level of the deepest
-    # model trained with clean conditions (every σ = 0), its FID, and the held-out glyphs resampled from all their
-    # latents through it
-    "recon": dict(QUICK3, clip_of="quick", runs_of="quick", clean=True),
+    # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus the deepest model trained with
+    # clean conditions (every σ = 0), its FID, and the held-out glyphs resampled from all their latents through it
+    "recon": dict(QUICK, clip_of="quick", runs_of="quick", depths=(1, 5), oracle_keep=(4,), clean=True),
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence
     "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 3),
                  n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64),
@@ -161,9 +160,8 @@ def main(args):
 
     t = step("training")
     before = {p: p.stat().st_mtime for p in runs.glob("*/ckpt.pt")}
-    for depth, sigmas in models(cfg):
-        for level in range(depth, 0, -1) if sigmas == default_sigmas(depth) else [1]:
-            train_level(args, cfg, runs, depth, level, sigmas, cfg["model"])
+    for depth, level, sigmas in training_plan(cfg):
+        train_level(args, cfg, runs, depth, level, sigmas, cfg["model"])
     if cfg.get("baseline"):  # Table 6's L = 1*: one level as large as the hierarchy, same steps and batch
         train_level(args, cfg, runs, 1, 1, [], cfg["baseline"])
     reused = sorted(p.parent.name for p, mtime in before.items() if p.stat().st_mtime == mtime)
@@ -221,7 +219,7 @@ def reference_images(test_set, n):
 
 
 def clean_sigmas(depth):
-    """σ_L … σ_2 of Fig. 4's image level: every condition clean."""
+    """σ_L … σ_2 of Fig. 4's model: every level trained on clean conditions."""
     return [0.0] * (depth - 1)
 
 
@@ -232,6 +230,14 @@ def models(cfg):
     runs += [(d, default_sigmas(d)[:-1] + [s]) for d in cfg["depths"] if d > 1 for s in cfg["sigma_sweep"]]
     runs += [(max(cfg["depths"]), clean_sigmas(max(cfg["depths"])))] if cfg.get("clean") else []
     return [r for i, r in enumerate(runs) if r not in runs[:i]]
+
+
+def training_plan(cfg):
+    """(depth, level, σ_L … σ_2) of every level to train, top-down: all levels of each depth at the paper's σ and
+    of the clean model, the image level alone for the σ_2 sweep. A level that two models share trains once (train.py
+    --resume finds it done)."""
+    return [(depth, level, sigmas) for depth, sigmas in models(cfg)
+            for level in (range(depth, 0, -1) if sigmas in (default_sigmas(depth), clean_sigmas(depth)) else [1])]
 
 
 def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
@@ -452,8 +458,8 @@ def get_parser():
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
                    help="quick: ~17 min demo, depths 1 and 4; full: README numbers and the σ_2 sweep; long: full's depths 1 "
                         "and 3 with twice the image-level steps; quick-long: the same for quick at depths 1 and 3 "
-                        "(seed its run folder with a copy of quick's); recon: quick at depths 1 and 3 plus a σ = 0 "
-                        "image level and its resamples (quick's run folder); cond: class- and text-conditional "
+                        "(seed its run folder with a copy of quick's); recon: quick's levels at depths 1 and 5 plus "
+                        "depth 5 trained with every σ = 0 and its resamples of held-out glyphs (quick's run folder); cond: class- and text-conditional "
                         "depths 1 and 3, FID and prompt adherence")
     p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "

@@ -16,9 +16,14 @@ def test_full_preset_trains_each_depth_then_the_sigma_sweep():
         (2, [0.5]), (2, [1.0]),                     # depth 2: σ_2 swept, the default 0 already trained
         (3, [0.0, 0.0]), (3, [0.0, 1.0])]           # depth 3: σ_3 kept at 0, σ_2 swept
     assert reproduce.models(reproduce.PRESETS["quick"]) == [(1, []), (4, [0.0, 0.5, 0.5])]
-    assert reproduce.models(reproduce.PRESETS["recon"]) == [(1, []), (3, [0.0, 0.5]), (3, [0.0, 0.0])]
-    deeper = dict(reproduce.PRESETS["recon"], depths=(1, 5))  # --depths 1 5: the clean level is the deepest's
+    shallow = dict(reproduce.PRESETS["recon"], depths=(1, 3))  # --depths 1 3: the clean model is the deepest
+    assert reproduce.models(shallow) == [(1, []), (3, [0.0, 0.5]), (3, [0.0, 0.0])]
+    deeper = reproduce.PRESETS["recon"]
     assert reproduce.models(deeper) == [(1, []), (5, [0.0, 0.5, 0.5, 1.0]), (5, [0.0, 0.0, 0.0, 0.0])]
+    clean = [(level, s) for d, level, s in reproduce.training_plan(deeper) if s == [0.0] * 4]
+    assert clean == [(5, [0.0] * 4), (4, [0.0] * 4), (3, [0.0] * 4), (2, [0.0] * 4), (1, [0.0] * 4)]  # every level
+    sweep = [(d, level) for d, level, s in reproduce.training_plan(reproduce.PRESETS["full"]) if s == [0.0, 1.0]]
+    assert sweep == [(3, 1)]                                   # the σ_2 sweep retrains the image level alone
 
 
 def test_results_tables_put_each_fid_in_its_cell(tmp_path):
