@@ -302,7 +302,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
             lines.append(f"| {d} | {', '.join(f'{s:g}' for s in top) or '—'} | " + " | ".join(cells) + " |")
     if cfg.get("clean"):  # Fig. 4's image level, in the σ sweep's table too where the sweep has it
         clean = fids[depth, tuple(clean_sigmas(depth)), 0.0]
-        lines += ["", f"Depth {depth} with its image level trained on clean conditions (every σ = 0), no guidance: "
+        lines += ["", f"Depth {depth} with every level trained on clean conditions (σ = 0), no guidance: "
                   f"FID {clean:.2f}, {clean / fids[1, (), 0.0]:.3f} × depth 1."]
     if oracle:
         lines += ["", f"The oracle: depth {depth} given the top latents of {cfg['n_samples']} held-out glyphs "

@@ -43,7 +43,7 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
     assert depth_rows[4] == "| 3 | 0 | 30.00 | 80.00* | 130.00 |"
     assert "| 0, 0.5 | z_3 | 5.00 | 0.1000 |" in lines and "| 0, 0.5 | z_3, z_2 | 4.00 | 0.0500 |" in lines
     assert "| 0, 0 | z_3, z_2 | 3.00 | 0.0200 |" in lines
-    assert "Depth 3 with its image level trained on clean conditions (every σ = 0), no guidance: FID 30.00, " \
+    assert "Depth 3 with every level trained on clean conditions (σ = 0), no guidance: FID 30.00, " \
            "3.000 × depth 1." in lines                                   # the σ_2 = 0 model of the sweep
     assert [ln for ln in lines if ln.startswith("| 1* (XS+) |")][0].endswith("| 40.00 | — |")
     assert "FID ratios, no guidance: depth3/depth1 8.000, depth3/1* 2.000" in lines
