@@ -14,7 +14,7 @@ CPU float reductions and thread timing aside, all randomness is seeded).
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
     python reproduce.py --preset quick-long  # quick's depths 1 and 3 with 2x the image-level training
-    python reproduce.py --preset recon     # quick at depth 3 + an image level trained with σ = 0, its resamples (Fig. 4)
+    python reproduce.py --preset recon     # after quick: depth 5 at the paper's σ and at σ = 0, resamples (Fig. 4)
     python reproduce.py --preset cond      # class- and text-conditional depths 1 and 3: FID, prompt adherence
 
 ``--encoder mocov3 --pretrained FILE`` runs a preset on a MoCo-v3 ViT trained on the glyphs (train_encoder.py
