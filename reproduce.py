@@ -225,7 +225,7 @@ def clean_sigmas(depth):
 
 def models(cfg):
     """(depth, σ_L … σ_2) of every model the preset trains: each depth at the paper's σ, then the σ_2 sweep, then
-    (``clean``) the deepest image level with every σ = 0; each once."""
+    (``clean``) the deepest model with every level at σ = 0; each once."""
     runs = [(d, default_sigmas(d)) for d in cfg["depths"]]
     runs += [(d, default_sigmas(d)[:-1] + [s]) for d in cfg["depths"] if d > 1 for s in cfg["sigma_sweep"]]
     runs += [(max(cfg["depths"]), clean_sigmas(max(cfg["depths"])))] if cfg.get("clean") else []
@@ -300,7 +300,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
             top, default = default_sigmas(d)[:-1], default_sigmas(d)[-1]
             cells = [fmt((d, tuple(top + [s]), 0.0)) + ("*" if s == default else "") for s in cfg["sigma_sweep"]]
             lines.append(f"| {d} | {', '.join(f'{s:g}' for s in top) or '—'} | " + " | ".join(cells) + " |")
-    if cfg.get("clean"):  # Fig. 4's image level, in the σ sweep's table too where the sweep has it
+    if cfg.get("clean"):  # Fig. 4's model, in the σ sweep's table too where the sweep has it
         clean = fids[depth, tuple(clean_sigmas(depth)), 0.0]
         lines += ["", f"Depth {depth} with every level trained on clean conditions (σ = 0), no guidance: "
                   f"FID {clean:.2f}, {clean / fids[1, (), 0.0]:.3f} × depth 1."]
@@ -456,11 +456,11 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick: ~17 min demo, depths 1 and 4; full: README numbers and the σ_2 sweep; long: full's depths 1 "
-                        "and 3 with twice the image-level steps; quick-long: the same for quick at depths 1 and 3 "
-                        "(seed its run folder with a copy of quick's); recon: quick's levels at depths 1 and 5 plus "
-                        "depth 5 trained with every σ = 0 and its resamples of held-out glyphs (quick's run folder); cond: class- and text-conditional "
-                        "depths 1 and 3, FID and prompt adherence")
+                   help="quick: ~17 min demo, depths 1 and 4; full: README numbers and the σ_2 sweep; long: full's "
+                        "depths 1 and 3 with twice the image-level steps; quick-long: the same for quick at depths 1 "
+                        "and 3 (seed its run folder with a copy of quick's); recon: quick's levels at depths 1 and 5 "
+                        "plus depth 5 trained with every σ = 0 and its resamples of held-out glyphs (quick's run "
+                        "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence")
     p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
                         "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained; not for preset cond)")
