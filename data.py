@@ -356,6 +356,8 @@ class _Photos(Dataset):
 
     def load(self, i):
         """Image i as (3, H, W) in [-1, 1]; an unreadable file is replaced by the next readable one."""
+        if not 0 <= i < len(self.paths):
+            raise IndexError(f"image {i} of a dataset of {len(self.paths)}")  # also ends iteration over the dataset
         for j in range(len(self.paths)):
             path = self.paths[(i + j) % len(self.paths)]
             try:

@@ -328,10 +328,11 @@ def train_mocov3(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 def dataset_features(enc, ds, batch_size=1024):
-    """Embeddings (N, D) and labels (N,) of a whole dataset."""
+    """Embeddings (N, D) and labels (N,) of a whole dataset; enc is a frozen encoder, or None: the images
+    themselves, flattened (N, C*H*W)."""
     feats, labels = [], []
     for x, y, _ in tqdm(torch.utils.data.DataLoader(ds, batch_size=batch_size), desc="embed", leave=False):
-        feats.append(enc.embed(x))
+        feats.append(x.flatten(1).float() if enc is None else enc.embed(x))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -349,8 +350,12 @@ def make_frozen(args, weights, vit_cfg=None):
         return encoder.MoCoV3Encoder(weights, args.device)
 
 
+PIXEL_ROW_MAX_SIZE = 64  # px: up to here the KNN report adds a row for the flattened images (cheap at this size)
+
+
 def knn_report(args, pretrained, after_training=False):
-    """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed) vs `pretrained`.
+    """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed) vs `pretrained`, and
+    for images of at most PIXEL_ROW_MAX_SIZE px the flattened pixels as a third row.
     The random row is read from <cache-dir>/knn/ when an earlier run computed it (random_row_path); the trained
     row's embeddings from --latent-cache when given. A dataset without labels is a usage error, or after
     training a note that the report is skipped."""
@@ -382,6 +387,8 @@ def knn_report(args, pretrained, after_training=False):
             train_f, train_y = train_f[keep], train_y[keep]
         trained_row = ("trained", *encoder.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device))
     rows = [random_row, trained_row]
+    if args.image_size <= PIXEL_ROW_MAX_SIZE:  # the images themselves: what any encoder's KNN is to be read against
+        rows.append(("pixels", *knn_of(None, train_ds, test_ds, args.device)))
     name = args.clip if args.objective == "clip" else f"MoCo-v3 ViT {trained.cfg}"
     print(f"KNN accuracy, K=20, {len(test_ds)} held-out {args.data} vs {len(train_ds)} train ({name})")
     print(f"{'weights':<10}{'top1':>8}{'top5':>8}")
@@ -391,7 +398,8 @@ def knn_report(args, pretrained, after_training=False):
 
 
 def knn_of(enc, train_ds, test_ds, device):
-    """(top-1, top-5) KNN accuracy (K = 20) of the frozen encoder ``enc``: both splits embedded, test against train."""
+    """(top-1, top-5) KNN accuracy (K = 20) of the frozen encoder ``enc`` (None: the pixels): both splits embedded,
+    test against train."""
     train_f, train_y = dataset_features(enc, train_ds)
     test_f, test_y = dataset_features(enc, test_ds)
     return encoder.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=device)

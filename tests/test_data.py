@@ -103,6 +103,9 @@ def test_folder_dataset_split(tmp_path):
     test = data.build_dataset(f"folder:{tmp_path}", "test", 8)
     assert (len(train), len(test)) == (24, 1)
     assert Path(test.paths[0]).name == "19.png"
+    assert len(list(test)) == 1  # iteration ends at the last image (no wrap-around past it)
+    with pytest.raises(IndexError):
+        train[24]
 
 
 def test_coco_random_caption(tmp_path):

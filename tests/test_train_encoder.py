@@ -131,7 +131,7 @@ def test_step_batches_are_epochs_and_resumable():
 def test_checkpoint_round_trip_into_frozen_encoder(folder, tmp_path, capsys):
     out = tmp_path / "moco.pt"
     rows = te.main(moco_argv(folder, out, "--steps", 2))
-    assert [r[0] for r in rows] == ["random", "trained"] and all(0 <= r[1] <= r[2] <= 1 for r in rows)
+    assert [r[0] for r in rows] == ["random", "trained", "pixels"] and all(0 <= r[1] <= r[2] <= 1 for r in rows)
     assert "KNN accuracy, K=20" in capsys.readouterr().out
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["step"] == 2 and ckpt["vit"] == encoder.VITS["tiny"]
@@ -194,9 +194,13 @@ def knn_argv(folder, weights, cache_dir, *extra):
 
 @pytest.fixture()
 def count_embeddings(monkeypatch):
-    """Records every dataset embedding pass of the KNN report (one per row computed)."""
+    """Records every encoder pass over the dataset of the KNN report (one per encoder row computed)."""
     calls, real = [], te.knn_of
-    monkeypatch.setattr(te, "knn_of", lambda *a: calls.append(1) or real(*a))
+
+    def counted(enc, *args):
+        calls.extend([] if enc is None else [1])  # the pixel row (enc None) runs no encoder
+        return real(enc, *args)
+    monkeypatch.setattr(te, "knn_of", counted)
     return calls
 
 
@@ -242,6 +246,19 @@ def test_trained_row_reads_the_latent_cache(folder, tmp_path, count_embeddings):
     (hier.root / "meta.json").write_text(json.dumps(meta))
     calls = len(count_embeddings)
     assert te.main(argv + ["--latent-cache", str(hier.root)]) == fresh and len(count_embeddings) == calls + 1
+
+
+def test_pixel_row_is_the_knn_of_the_flattened_images(folder, tmp_path):
+    weights = tmp_path / "moco.pt"
+    te.main(moco_argv(folder, weights, "--steps", 1, "--skip-knn"))
+    rows = te.main(knn_argv(folder, weights, tmp_path / "c"))
+    splits = [data.build_dataset(folder, split, 32) for split in ("train", "test")]
+    items = [[ds[i] for i in range(len(ds))] for ds in splits]
+    flat = [(torch.stack([x for x, _, _ in it]).flatten(1), torch.tensor([y for _, y, _ in it])) for it in items]
+    assert [r[0] for r in rows] == ["random", "trained", "pixels"]
+    assert rows[2][1:] == encoder.knn_accuracy(*flat[0], *flat[1], k=20) == (1.0, 1.0)  # dark and light: by brightness
+    big = te.main(knn_argv(folder, weights, tmp_path / "c", "--image-size", te.PIXEL_ROW_MAX_SIZE + 8))
+    assert [r[0] for r in big] == ["random", "trained"]  # too large to search in pixel space
 
 
 # ---------------------------------------------------------------------------------------------------------------
