@@ -43,15 +43,16 @@ VERSION_DEFAULTS = {"model": None, "cond_path": "tokens", "text_path": "tokens",
 def read_metas(run, cond, **versions):
     """meta.json of every trained level (one with a checkpoint) in the folder ``run`` of this ``cond`` and the
     given ``versions`` (keys of VERSION_DEFAULTS, None = any): size (--model), how latent conditions enter
-    (--cond-path; the top level has none), how the caption enters (--text-path), what the network predicts
-    (--prediction)."""
+    (--cond-path; the top level has none), how the caption enters (--text-path; only text levels have one), what
+    the network predicts (--prediction)."""
     metas = []
     for path in sorted(Path(run).glob("*/meta.json")):
         if (path.parent / "ckpt.pt").exists():
             remedy = "restore it, or delete its folder and retrain the level"
             metas.append(data.read_json(path, remedy) | {"dir": str(path.parent)})
     def fits(m, key, want):
-        return want is None or (key == "cond_path" and not m["cond_grids"]) or m.get(key, VERSION_DEFAULTS[key]) == want
+        return (want is None or (key == "cond_path" and not m["cond_grids"]) or (key == "text_path" and cond != "text")
+                or m.get(key, VERSION_DEFAULTS[key]) == want)
     return [m for m in metas if m.get("cond") == cond and all(fits(m, k, v) for k, v in versions.items())]
 
 

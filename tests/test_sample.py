@@ -219,6 +219,28 @@ def test_class_out_of_range_is_refused(run, tmp_path):
             sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cond", "class", "--class", bad))
 
 
+def test_text_path_picks_among_text_levels_only(run, tmp_path):
+    """--text-path chooses between versions of a text model; a class model has no text path, so the flag does not
+    hide its levels (it once did, with an error that the levels were not trained)."""
+    for p in (run / "runs").iterdir():  # the levels relabelled as class-conditional
+        meta = json.loads((p / "meta.json").read_text())
+        (tmp_path / "runs" / p.name).mkdir(parents=True)
+        (tmp_path / "runs" / p.name / "meta.json").write_text(json.dumps({**meta, "cond": "class", "num_classes": 2}))
+        shutil.copy(p / "ckpt.pt", tmp_path / "runs" / p.name)
+    found = [sample.find_levels(tmp_path / "runs", 3, "class", text_path=path) for path in (None, "adaln", "tokens")]
+    assert [m["dir"] for m in found[0]] == [m["dir"] for m in found[1]] == [m["dir"] for m in found[2]]
+    assert len(found[0]) == 3
+    text = tmp_path / "text"
+    for p in (tmp_path / "runs").iterdir():  # the same levels as a text model by the token path: adaln finds none
+        meta = json.loads((p / "meta.json").read_text())
+        (text / p.name).mkdir(parents=True)
+        (text / p.name / "meta.json").write_text(json.dumps({**meta, "cond": "text", "text_path": "tokens"}))
+        shutil.copy(p / "ckpt.pt", text / p.name)
+    assert len(sample.find_levels(text, 3, "text", text_path="tokens")) == 3
+    with pytest.raises(data.UsageError, match="not trained"):
+        sample.find_levels(text, 3, "text", text_path="adaln")
+
+
 def test_glyph_class_is_named_by_radical_or_kangxi_number():
     """For glyph models --class takes 金 or 167 (both the internal class 166); other datasets keep the index."""
     glyphs, folder = {"data": "glyphs", "num_classes": 214}, {"data": "folder:x", "num_classes": 2}
