@@ -66,8 +66,8 @@ PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold",
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
 ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT"}
-# train_encoder.py's MoCo-v3 flags for the glyph ViT on 2 CPU cores (README, Your own images)
-MOCOV3_RECIPE = "--steps 1000 --batch-size 128 --mlp-dim 1024 --lr 1e-3 --crop-min 0.85"  # README, MoCo-v3 on glyphs
+# train_encoder.py's MoCo-v3 flags for the glyph ViT on 2 CPU cores (README: MoCo-v3 encoder on glyphs, Your own images)
+MOCOV3_RECIPE = "--steps 1000 --batch-size 128 --mlp-dim 1024 --lr 1e-3 --crop-min 0.85"
 
 
 def step(title):

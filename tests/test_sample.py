@@ -207,13 +207,19 @@ def test_sampling_and_evaluation_do_not_import_training():
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
 
 
+def relabelled(runs, out, **changes):
+    """A copy of the run folder ``runs`` in ``out`` whose levels' meta.json carry ``changes`` (same checkpoints)."""
+    for p in runs.iterdir():
+        meta = json.loads((p / "meta.json").read_text())
+        (out / p.name).mkdir(parents=True)
+        (out / p.name / "meta.json").write_text(json.dumps({**meta, **changes}))
+        shutil.copy(p / "ckpt.pt", out / p.name)
+    return out
+
+
 def test_class_out_of_range_is_refused(run, tmp_path):
     """The class ids of a class-conditional model are 0..K-1; K (the null index) and above are refused."""
-    for p in (run / "runs").iterdir():  # the levels relabelled as class-conditional with 2 classes
-        meta = json.loads((p / "meta.json").read_text())
-        (tmp_path / "runs" / p.name).mkdir(parents=True)
-        (tmp_path / "runs" / p.name / "meta.json").write_text(json.dumps({**meta, "cond": "class", "num_classes": 2}))
-        shutil.copy(p / "ckpt.pt", tmp_path / "runs" / p.name)
+    relabelled(run / "runs", tmp_path / "runs", cond="class", num_classes=2)  # class-conditional, 2 classes
     for bad in ("2", "-1"):
         with pytest.raises(data.UsageError, match=f"--class {bad} is outside 0..1"):
             sample.main(sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cond", "class", "--class", bad))
@@ -222,20 +228,11 @@ def test_class_out_of_range_is_refused(run, tmp_path):
 def test_text_path_picks_among_text_levels_only(run, tmp_path):
     """--text-path chooses between versions of a text model; a class model has no text path, so the flag does not
     hide its levels (it once did, with an error that the levels were not trained)."""
-    for p in (run / "runs").iterdir():  # the levels relabelled as class-conditional
-        meta = json.loads((p / "meta.json").read_text())
-        (tmp_path / "runs" / p.name).mkdir(parents=True)
-        (tmp_path / "runs" / p.name / "meta.json").write_text(json.dumps({**meta, "cond": "class", "num_classes": 2}))
-        shutil.copy(p / "ckpt.pt", tmp_path / "runs" / p.name)
-    found = [sample.find_levels(tmp_path / "runs", 3, "class", text_path=path) for path in (None, "adaln", "tokens")]
+    classes = relabelled(run / "runs", tmp_path / "runs", cond="class", num_classes=2)
+    found = [sample.find_levels(classes, 3, "class", text_path=path) for path in (None, "adaln", "tokens")]
     assert [m["dir"] for m in found[0]] == [m["dir"] for m in found[1]] == [m["dir"] for m in found[2]]
     assert len(found[0]) == 3
-    text = tmp_path / "text"
-    for p in (tmp_path / "runs").iterdir():  # the same levels as a text model by the token path: adaln finds none
-        meta = json.loads((p / "meta.json").read_text())
-        (text / p.name).mkdir(parents=True)
-        (text / p.name / "meta.json").write_text(json.dumps({**meta, "cond": "text", "text_path": "tokens"}))
-        shutil.copy(p / "ckpt.pt", text / p.name)
+    text = relabelled(classes, tmp_path / "text", cond="text", text_path="tokens")  # a token-path text model
     assert len(sample.find_levels(text, 3, "text", text_path="tokens")) == 3
     with pytest.raises(data.UsageError, match="not trained"):
         sample.find_levels(text, 3, "text", text_path="adaln")
