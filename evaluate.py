@@ -29,6 +29,7 @@ radical of the glyphs whose definition the prompt is).
     python evaluate.py flops --model B                          # params and GMACs, depths 1-5 (Table 6)
     python evaluate.py adherence samples/depth3-class.npz --class 金   # share of samples with the radical 金
     python evaluate.py conditions runs/reproduce-quick/image1x32p4-given-...   # does a level use its conditions?
+    python evaluate.py ink samples/depth3-none.npz data:glyphs:test   # ink share and speckle of glyph samples
 
 Whether a trained level uses its conditions (paper §3.3, Fig. 4): its prediction of the clean target x0 at
 several timesteps, on held-out items, given their true conditions, another item's (shuffled) and the nulls.
@@ -263,11 +264,12 @@ def level_items(level_dir, split, n=None):
 
 
 @torch.no_grad()
-def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="cpu", seed=0):
-    """{t: {"true" | "shuffled" | "null": MSE of the predicted x0 to the target}} for ``n`` held-out items of
-    the trained level in ``level_dir`` (pixel images: clamped to [-1, 1], MSE on a [0, 1] scale as paired_mse;
-    latents: in latent units). "shuffled" gives each item the previous item's conditions (and class)."""
-    meta, pixels, (x0, zs, y) = level_items(level_dir, "test", n)
+def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="cpu", seed=0, split="test"):
+    """{t: {"true" | "shuffled" | "null": MSE of the predicted x0 to the target}} for ``n`` items of ``split``
+    (held-out by default; "train" shows whether the level has memorised its training items) of the trained level
+    in ``level_dir`` (pixel images: clamped to [-1, 1], MSE on a [0, 1] scale as paired_mse; latents: in latent
+    units). "shuffled" gives each item the previous item's conditions (and class)."""
+    meta, pixels, (x0, zs, y) = level_items(level_dir, split, n)
     if meta["cond"] == "text":
         raise data.UsageError("conditions: text-conditional levels are not supported; use a class or unconditional one")
     y = y if meta["cond"] == "class" else None
@@ -295,12 +297,16 @@ def condition_use(level_dir, n=512, ts=(999, 900, 700, 500, 300, 100), device="c
 def linear_readout(level_dir, n=512, ridge=1.0):
     """(MSE of the mean training target, MSE of a ridge regression from the conditions, standardised and
     flattened, to the target, fitted on the training split) on the same ``n`` held-out items as condition_use:
-    how much of the target its conditions carry linearly (same units as condition_use)."""
+    how much of the target its conditions carry linearly (same units as condition_use); no regression (None) for
+    a level without latent conditions (the top level, depth 1)."""
     def split(name, n=None):
         _, pixels, (x0, zs, _) = level_items(level_dir, name, n)
         scale = 2 if pixels else 1  # pixels: errors on a [0, 1] scale
-        return torch.cat([z.flatten(1) for z in zs], 1).double(), x0.flatten(1).double() / scale
+        feats = torch.cat([z.flatten(1) for z in zs], 1).double() if zs else None
+        return feats, x0.flatten(1).double() / scale
     (f_train, x_train), (f_test, x_test) = split("train"), split("test", n)
+    if f_train is None:
+        return float((x_test - x_train.mean(0)).square().mean()), None
     mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
     a, b = (f_train - mu) / sd, (f_test - mu) / sd
     mean = x_train.mean(0)
@@ -309,10 +315,12 @@ def linear_readout(level_dir, n=512, ridge=1.0):
 
 
 def run_conditions(args):
-    table = condition_use(args.level_dir, args.n, device=args.device)
+    table = condition_use(args.level_dir, args.n, device=args.device, split=args.split)
     mean, ridge = linear_readout(args.level_dir, args.n)
-    print(f"x0 MSE of {Path(args.level_dir).name} on held-out items, given their conditions, shuffled ones, the nulls "
-          f"(for scale: the mean training target {mean:.4f}; a ridge regression from the conditions {ridge:.4f}):")
+    items = "held-out items" if args.split == "test" else f"{args.split} items"
+    fit = "no latent conditions to regress from" if ridge is None else f"a ridge regression from the conditions {ridge:.4f}"
+    print(f"x0 MSE of {Path(args.level_dir).name} on {items}, given their conditions, shuffled ones, the nulls "
+          f"(for scale: the mean training target {mean:.4f}; {fit}):")
     print("| t | true | shuffled | null |\n|---|---|---|---|")
     for t, row in table.items():
         print(f"| {t} | " + " | ".join(f"{row[k]:.4f}" for k in ("true", "shuffled", "null")) + " |")
@@ -567,6 +575,28 @@ def run_adherence(args):
     return share
 
 
+def ink_stats(images):
+    """(share of ink pixels, share of ink pixels with no ink among their four neighbours) of uint8 glyph images
+    (N, H, W[, C]; ink: darker than mid-grey): the second is the speckle a sampler leaves, about 10⁻⁴ on real
+    glyphs, whose strokes are connected."""
+    ink = (images[..., 0] if images.ndim == 4 else images) < 128
+    padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
+    touched = padded[:, :-2, 1:-1] | padded[:, 2:, 1:-1] | padded[:, 1:-1, :-2] | padded[:, 1:-1, 2:]
+    return float(ink.mean()), float((ink & ~touched).sum() / max(ink.sum(), 1))
+
+
+def run_ink(args):
+    for spec in args.images:
+        kind, value = load_side(spec)
+        if kind == "stats":
+            raise data.UsageError(f"{spec} holds statistics, not images; pass a samples .npz or data:NAME[:SPLIT]")
+        if kind == "data":
+            ds = data.build_dataset(*value, args.image_size, data_dir=args.data_dir)
+            value = data.to_uint8(torch.stack([ds[i][0] for i in range(min(len(ds), args.max_n or len(ds)))]))
+        ink, isolated = ink_stats(value)
+        print(f"{spec}: {len(value)} images, ink {ink:.4f} of pixels, isolated {isolated:.4%} of ink pixels")
+
+
 def machine(device="cpu"):
     """The machine a number was measured on: GPU name, or CPU model and threads; torch version."""
     if str(device).startswith("cuda"):
@@ -628,9 +658,20 @@ def get_parser():
     u = sub.add_parser("conditions", help="does a trained level use its conditions? x0 error given true, shuffled, null",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     u.add_argument("level_dir", help="a trained level's run folder (holding meta.json and ckpt.pt)")
-    u.add_argument("--n", type=int, default=512, help="held-out items (evenly spaced over the test split)")
+    u.add_argument("--n", type=int, default=512, help="items, evenly spaced over the split")
+    u.add_argument("--split", choices=("test", "train"), default="test",
+                   help="test: held-out items; train: training items (a gap to test = memorised training items; the "
+                        "scale line stays held-out)")
     u.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     u.set_defaults(func=run_conditions)
+
+    i = sub.add_parser("ink", help="ink share and speckle (isolated ink pixels) of glyph samples or a glyph split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    i.add_argument("images", nargs="+", help="samples .npz (arr_0 uint8 N×H×W[×C]) or data:NAME[:SPLIT]")
+    i.add_argument("--image-size", type=int, default=32, help="resolution of data: sets")
+    i.add_argument("--data-dir", default="data", help="where the glyph cache lives")
+    i.add_argument("--max-n", type=int, default=None, help="at most this many images of a data: set (default all)")
+    i.set_defaults(func=run_ink)
 
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

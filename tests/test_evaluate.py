@@ -389,3 +389,21 @@ def test_adherence_command(tmp_path, monkeypatch, capsys):
     assert evaluate.main(args) == 0.25
     with pytest.raises(data.UsageError, match="adherence needs the prompted radical"):
         evaluate.main(evaluate.get_parser().parse_args(["adherence", str(tmp_path / "s.npz")]))
+
+
+def test_ink_stats_count_isolated_ink_pixels_by_hand(tmp_path, capsys):
+    """A 2-pixel stroke and one lone dot on white: ink 3/16 of the pixels, isolated 1/3 of the ink; RGB or grey
+    the same; a diagonal neighbour does not connect (four-neighbourhood)."""
+    img = np.full((1, 4, 4), 255, np.uint8)
+    img[0, 0, 0] = img[0, 0, 1] = 0          # stroke
+    img[0, 3, 3] = 100                       # dot (darker than mid-grey)
+    img[0, 2, 1] = 200                       # light grey: not ink
+    assert evaluate.ink_stats(img) == pytest.approx((3 / 16, 1 / 3))
+    assert evaluate.ink_stats(np.repeat(img[..., None], 3, -1)) == evaluate.ink_stats(img)
+    diag = np.full((1, 3, 3), 255, np.uint8)
+    diag[0, 0, 0] = diag[0, 1, 1] = 0
+    assert evaluate.ink_stats(diag) == pytest.approx((2 / 9, 1.0))
+    assert evaluate.ink_stats(np.full((2, 3, 3), 255, np.uint8)) == (0.0, 0.0)   # no ink: no division by zero
+    np.savez(tmp_path / "s.npz", img[..., None])
+    evaluate.main(evaluate.get_parser().parse_args(["ink", str(tmp_path / "s.npz")]))
+    assert "1 images, ink 0.1875 of pixels, isolated 33.3333% of ink pixels" in capsys.readouterr().out

@@ -226,7 +226,24 @@ def test_baseline_and_depths_flags_are_checked_before_anything_is_built(tmp_path
     monkeypatch.chdir(tmp_path)
     for argv, message in ((["--preset", "quick", "--baseline", "XXL"], "--baseline takes a denoiser size"),
                           (["--preset", "cond", "--baseline", "XS+"], "--baseline takes a denoiser size"),
-                          (["--preset", "quick", "--depths", "3", "4"], "--depths takes depths from 1 to 5")):
+                          (["--preset", "quick", "--depths", "3", "4"], "--depths takes depths from 1 to 5"),
+                          (["--preset", "cond", "--steps", "0"], "--steps takes a positive number")):
         with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(argv + ["--device", "cpu"]))
     assert list(tmp_path.iterdir()) == []  # no results folder, no data, no cache
+
+
+def test_steps_flag_sets_every_level_and_reaches_train(monkeypatch):
+    """--steps N trains image and latent levels N steps (the cond preset's 1,000-step tables: --steps 1000)."""
+    parse = lambda *argv: reproduce.preset_config(reproduce.get_parser().parse_args(["--device", "cpu", *argv]))  # noqa: E731
+    assert (parse("--preset", "long")["steps"], parse("--preset", "long")["latent_steps"]) == (2000, 1000)
+    assert (parse("--preset", "cond")["steps"], parse("--preset", "cond")["latent_steps"]) == (2500, 2500)
+    cfg = parse("--preset", "cond", "--steps", "1000", "--depths", "1", "2")
+    assert (cfg["steps"], cfg["latent_steps"], cfg["depths"]) == (1000, 1000, (1, 2))
+    assert reproduce.PRESETS["cond"]["steps"] == 2500                         # the preset itself is unchanged
+    args = reproduce.get_parser().parse_args(["--preset", "cond", "--steps", "1000", "--clip", "c.pt", "--device", "cpu", "--precision", "fp32"])
+    seen = []
+    monkeypatch.setattr(reproduce.train, "train", seen.append)
+    reproduce.train_level(args, cfg, Path("runs"), 2, 2, [0.5], "XS", "class")   # a latent level
+    reproduce.train_level(args, cfg, Path("runs"), 2, 1, [0.5], "XS", "class")   # the image level
+    assert [a.steps for a in seen] == [1000, 1000] and seen[0].text_path == "adaln"

@@ -471,6 +471,19 @@ def test_condition_use_reads_a_trained_level_on_held_out_items(workspace):
     assert set(table) == {0, 300} and all(set(row) == {"true", "shuffled", "null"} for row in table.values())
     assert table[300]["true"] != table[300]["shuffled"] and table[300]["true"] != table[300]["null"]
     assert all(v < 1e-3 for v in table[0].values())
+    seen = evaluate.condition_use(path.parent, n=8, ts=(0, 300), split="train")      # training items: --split train
+    assert seen[300]["true"] != table[300]["true"] and all(v < 1e-3 for v in seen[0].values())
+    assert evaluate.condition_use(path.parent, n=8, ts=(0, 300), split="train") == seen  # seeded: the same numbers
     mean, ridge = evaluate.linear_readout(path.parent, n=8)
     assert 0 < ridge and 0 < mean
     assert evaluate.linear_readout(path.parent, n=8, ridge=1e12) == pytest.approx((mean, mean), rel=1e-6)  # w -> 0
+
+
+def test_conditions_command_on_a_level_without_latent_conditions(workspace, capsys):
+    """Depth 1 (and a top level) has no latents to regress from: the table still prints, the scale line says so."""
+    path = train.train(argv(workspace, 1, 1, "--steps", 2, run="flat"))
+    mean, ridge = evaluate.linear_readout(path.parent, n=8)
+    assert ridge is None and mean > 0
+    evaluate.main(evaluate.get_parser().parse_args(["conditions", str(path.parent), "--n", "8", "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert f"the mean training target {mean:.4f}; no latent conditions to regress from" in out and "| 999 |" in out
