@@ -138,6 +138,13 @@ def level_eps(model, conds, sigmas, y, text, w, gamma, T, generator, precision="
     return eps
 
 
+def switched(eps_high, eps_low, below):
+    """One network function: ``eps_low`` at timesteps t < ``below``, ``eps_high`` at the others."""
+    def eps(x, t):
+        return eps_low(x, t) if int(t[0]) < below else eps_high(x, t)
+    return eps
+
+
 def condition_gamma(gamma, w):
     """γ of the condition noise: as given, else the paper's 0.3 under guidance and none (inf) without (Table 3)."""
     if gamma is not None:
@@ -146,9 +153,10 @@ def condition_gamma(gamma, w):
 
 
 @torch.no_grad()
-def sample_batch(levels, weights, n, args, device, generator, y=None, text=None, kept=()):
+def sample_batch(levels, weights, n, args, device, generator, y=None, text=None, kept=(), finisher=None):
     """Generate one batch top-down; ``text`` holds each level's text input (level_texts), ``kept`` are fixed
-    top latents (B, C, M, M). Returns the list of levels and the seconds spent per level."""
+    top latents (B, C, M, M); ``finisher`` (a depth-1 image level's model, --finish-below) takes the image level's
+    steps below ``args.finish_below``. Returns the list of levels and the seconds spent per level."""
     zs, seconds = list(kept), []
     for k, (model, diffusion, meta) in enumerate(levels):
         start = time.time()
@@ -157,6 +165,9 @@ def sample_batch(levels, weights, n, args, device, generator, y=None, text=None,
             text_k = text[k] if text else None
             eps = level_eps(model, zs, meta["sigmas"], y, text_k, weights[k], gamma, diffusion.T, generator,
                             args.precision)
+            if finisher is not None and k == len(levels) - 1:
+                eps = switched(eps, level_eps(finisher, [], [], y, None, weights[k], gamma, diffusion.T, generator,
+                                              args.precision), args.finish_below)
             clip = 1.0 if meta["target_image"] and meta["image_space"] == "pixels" else None
             zs.append(diffusion.sample(eps, (n, *meta["target"]), args.steps, args.sampler, args.eta, generator,
                                        clip=clip, device=device))
@@ -232,12 +243,15 @@ def save_labelled_grid(images, path, label):
 
 def check_flags(args):
     """The checks that need no trained level: they run before anything is loaded."""
-    for flag, low in (("--depth", 1), ("--n", 1), ("--batch", 1), ("--steps", 1), ("--eta", 0), ("--gamma", 0)):
-        data.check_range(flag, getattr(args, flag[2:]), low)
+    for flag, low in (("--depth", 1), ("--n", 1), ("--batch", 1), ("--steps", 1), ("--eta", 0), ("--gamma", 0),
+                      ("--finish-below", 0)):
+        data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     if args.reference and not 0 <= args.keep < args.depth:
         raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
     if args.prompt is not None and args.cond != "text":
         raise data.UsageError(f"--prompt needs a text-conditional model (--cond text); this one is --cond {args.cond}")
+    if args.finish_below and (args.cond == "text" or args.depth == 1):
+        raise data.UsageError("--finish-below needs a depth > 1 and a class or unconditional model (not --cond text)")
     if args.class_id is not None and args.cond != "class":
         raise data.UsageError(f"--class needs a class-conditional model (--cond class); this one is --cond {args.cond}")
     npz = output_path(args)
@@ -274,6 +288,17 @@ def check_levels(args, metas):
         raise data.UsageError(f"--steps {args.steps} is more than the {T} diffusion steps the levels were trained with")
 
 
+def finishing_level(args, image_meta):
+    """The depth-1 image level of the run folder that --finish-below hands the last steps to: the same target,
+    schedule and prediction as the image level it finishes."""
+    (meta,) = find_levels(args.run, 1, args.cond, model=args.model, prediction=args.prediction)
+    if [meta[k] for k in ("target", "schedule", "T", "prediction")] != \
+            [image_meta[k] for k in ("target", "schedule", "T", "prediction")]:
+        raise data.UsageError(f"--finish-below: the depth-1 level {meta['dir']} does not match the image level it "
+                              f"would finish (target, schedule, T, prediction)")
+    return meta
+
+
 def main(args):
     check_flags(args)
     device = torch.device(args.device)
@@ -283,6 +308,7 @@ def main(args):
     class_id = class_index(args.class_id, metas[0]) if args.class_id is not None else None
     weights = cfg_weights(args.cfg, args.cond, args.depth)
     levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]
+    finisher = load_level(finishing_level(args, metas[-1]), device, not args.no_ema)[0] if args.finish_below else None
     hier = H.locate_cache(metas[0], metas[0]["dir"], args.cache_dir)
     cache_args = argparse.Namespace(**{"encoder": "clip", **hier.meta["args"], "device": args.device,
                                        "text_encoder": metas[0].get("text_encoder")})
@@ -311,7 +337,7 @@ def main(args):
         if args.reference:
             x = reference_batch(refs, start, n).to(device)  # a shared reference is encoded once, not n times
             kept = [z.expand(n, *z.shape[1:]) for z in H.encode_image(hier, encoder, x, ref_levels, cache_args.min_crop, vae)]
-        zs, secs = sample_batch(levels, weights, n, args, device, generator, y, text, kept)
+        zs, secs = sample_batch(levels, weights, n, args, device, generator, y, text, kept, finisher)
         images.append(data.to_uint8(decode(zs[-1], vae, hier.vae_scale)))
         seconds += secs
 
@@ -375,6 +401,9 @@ def get_parser():
                         "images of a dataset split, one sample each")
     p.add_argument("--keep", type=int, default=1, help="with --reference: top latent levels kept from it")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    p.add_argument("--finish-below", type=int, default=0,
+                   help="not in the paper, a diagnostic: the image level's steps at t below this are taken by the "
+                        "depth-1 image level of the same run folder, which reads no latents (0: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
     p.add_argument("--out", default="samples", help="output folder for the .png grid and the .npz")
     p.add_argument("--overwrite", action="store_true", help="replace the .npz and .png of an earlier run in --out")

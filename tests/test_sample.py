@@ -313,7 +313,7 @@ def test_class_conditional_samples_draw_classes_evenly(run, monkeypatch):
     monkeypatch.setattr(sample, "load_level", lambda meta, *a: load(meta | {"num_classes": 0}, *a))
     drawn = []
 
-    def record(levels, weights, n, args, device, generator, y=None, text=None, kept=()):
+    def record(levels, weights, n, args, device, generator, y=None, text=None, kept=(), finisher=None):
         drawn.append(y)
         return [torch.zeros(n, *levels[-1][2]["target"])], [0.0] * len(levels)
     monkeypatch.setattr(sample, "sample_batch", record)
@@ -374,3 +374,30 @@ def test_each_level_gets_the_text_input_of_its_text_path():
     texts = sample.level_texts(Tower(), ["gold", "water"], metas)
     assert [tuple(t.shape) for t in texts] == [(2, 32), (2, 6, 24), (2, 6, 24), (2, 32)]
     assert sorted(Tower.calls) == ["pooled", "tokens"]
+
+
+def test_finish_below_hands_the_last_image_steps_to_the_depth1_level(run, tmp_path):
+    """--finish-below T: the image level's steps at t < T are the depth-1 level's (no latents); T = 0 is the plain
+    cascade, T above every sampled timestep the cascade by hand with the depth-1 network drawing the image."""
+    shutil.copytree(run / "runs", tmp_path / "runs")
+    train.train(train_args(run, 1, "--depth", "1", "--run-dir", str(tmp_path / "runs")))
+    args = lambda *extra: sample_args(run, "--run-dir", str(tmp_path / "runs"), "--cache-dir", str(run / "cache"),  # noqa: E731
+                                      "--n", "4", "--cfg", "0", *extra)
+    plain = np.load(sample.main(args()))["arr_0"]
+    assert np.array_equal(np.load(sample.main(args("--finish-below", "0")))["arr_0"], plain)
+    finished = np.load(sample.main(args("--finish-below", "1000")))["arr_0"]
+    metas = sample.find_levels(tmp_path / "runs", 3, "none")
+    (flat,) = sample.find_levels(tmp_path / "runs", 1, "none")
+    g = torch.Generator().manual_seed(0)
+    zs = []
+    for meta in metas:
+        model, diffusion = sample.load_level(meta, "cpu")
+        net = (lambda x, t: model(x, t, list(zs))) if not meta["target_image"] else \
+            (lambda x, t, m=sample.load_level(flat, "cpu")[0]: m(x, t, []))
+        clip = 1.0 if meta["target_image"] else None
+        zs.append(diffusion.sample(net, (4, *meta["target"]), 10, "dpm++", 0.0, g, clip=clip))
+    assert np.array_equal(finished, data.to_uint8(zs[-1].clamp(-1, 1))) and not np.array_equal(finished, plain)
+    some = np.load(sample.main(args("--finish-below", "300")))["arr_0"]
+    assert not np.array_equal(some, plain) and not np.array_equal(some, finished)
+    with pytest.raises(data.UsageError, match="--finish-below needs a depth > 1"):
+        sample.main(args("--finish-below", "300", "--depth", "1"))
