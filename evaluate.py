@@ -592,7 +592,8 @@ def run_ink(args):
             raise data.UsageError(f"{spec} holds statistics, not images; pass a samples .npz or data:NAME[:SPLIT]")
         if kind == "data":
             ds = data.build_dataset(*value, args.image_size, data_dir=args.data_dir)
-            value = data.to_uint8(torch.stack([ds[i][0] for i in range(min(len(ds), args.max_n or len(ds)))]))
+            n = min(len(ds), args.max_n or len(ds))  # spread evenly, as dataset_stats does for FID
+            value = data.to_uint8(torch.stack([ds[i][0] for i in data.evenly_spaced(len(ds), n)]))
         ink, isolated = ink_stats(value)
         print(f"{spec}: {len(value)} images, ink {ink:.4f} of pixels, isolated {isolated:.4%} of ink pixels")
 
@@ -670,7 +671,8 @@ def get_parser():
     i.add_argument("images", nargs="+", help="samples .npz (arr_0 uint8 N×H×W[×C]) or data:NAME[:SPLIT]")
     i.add_argument("--image-size", type=int, default=32, help="resolution of data: sets")
     i.add_argument("--data-dir", default="data", help="where the glyph cache lives")
-    i.add_argument("--max-n", type=int, default=None, help="at most this many images of a data: set (default all)")
+    i.add_argument("--max-n", type=int, default=None,
+                   help="at most this many images of a data: set, spread evenly over it (default all)")
     i.set_defaults(func=run_ink)
 
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
