@@ -11,6 +11,8 @@ The paper used U-ViT (Bao et al. 2023: time/label as tokens, long skips). Follow
 use DiT (Peebles & Xie 2023, §3.2): adaLN-Zero blocks conditioned on timestep (+ class) embedding, fixed
 2-D sin-cos positions for the target tokens, zero-initialised modulation and output so a fresh model
 outputs exactly zero. The latent conditions and text keep U-ViT's in-context form (learned positions).
+Sizes marked ``uvit`` (XS-U, B-U) add U-ViT's long skips (Bao et al. §3: the first (depth-1)//2 blocks hand
+their outputs to their mirror blocks at the end, merged by Linear(2D -> D)) and its 3x3 conv on the output.
 
 ``cond_path`` chooses how the higher latent levels enter: "tokens" (the paper's in-context tokens),
 "adaln" (each level, flattened, through a linear map added to the adaLN vector c = t + Σ_l W_l z_l: DiT's
@@ -49,8 +51,10 @@ SIZES = {
     "XS": dict(width=192, depth=6, heads=3),      # laptop CPU: the glyph reproduction
     "XS+": dict(width=192, depth=7, heads=3),     # XS one block deeper: the glyph "L = 1*" baseline of depth 3 (Table 6)
     "XS++": dict(width=192, depth=8, heads=3),    # two blocks deeper: the glyph "L = 1*" baseline of depth 4
+    "XS-U": dict(width=192, depth=6, heads=3, uvit=True),  # XS with U-ViT's long skips (2 in, 2 mid, 2 out) and output conv
     "S": dict(width=384, depth=12, heads=6),      # DiT-S
     "B": dict(width=768, depth=12, heads=12),     # DiT-B: the paper's width 768 and depth 12 (U-ViT "Mid")
+    "B-U": dict(width=768, depth=13, heads=12, uvit=True),  # the paper's U-ViT "Mid": 6 in, 1 mid, 6 out blocks
     "L": dict(width=1024, depth=24, heads=16),    # DiT-L
     "XL": dict(width=1152, depth=28, heads=16),   # DiT-XL
 }
@@ -243,6 +247,12 @@ class Denoiser(nn.Module):
             self.text_null = nn.Parameter(torch.zeros(1, width))
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(width, patch * patch * C)
+        self.uvit = SIZES[size].get("uvit", False)
+        if self.uvit:  # U-ViT (Bao et al. 2023, §3): long skips from the first (depth-1)//2 blocks to the last,
+            # each merged by Linear(2D -> D) before its block, around at least one middle block; a 3x3 conv on the
+            # unpatchified output
+            self.skip_linears = nn.ModuleList(nn.Linear(2 * width, width) for _ in range((depth - 1) // 2))
+            self.final_conv = nn.Conv2d(C, C, 3, padding=1)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -266,6 +276,9 @@ class Denoiser(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.uvit:  # the conv starts as the identity, so a fresh model still outputs zero
+            nn.init.dirac_(self.final_conv.weight)
+            nn.init.zeros_(self.final_conv.bias)
         if self.cond_grid:  # added to the target tokens: start at zero (ControlNet's zero convolution), so a
             for embed in self.cond_embedders:  # fresh model is the unconditional one and the noisy target is not drowned
                 nn.init.zeros_(embed.weight)
@@ -318,10 +331,26 @@ class Denoiser(nn.Module):
             c = c + self.y_embedder(torch.where(drop[:, 0, 0], self.num_classes, y))  # (B, D)
         if text is not None and self.text_path == "adaln":
             c = c + torch.where(drop[:, 0], self.text_null, self.text_embedder(text))  # (B, D)
-        for block in self.blocks:
-            h = block(h, c)  # (B, N, D)
+        h = self.run_blocks(h, c)  # (B, N, D)
         out = self.final_layer(h[:, : self.pos_embed.shape[1]], c)  # (B, N_x, p*p*C)
-        return unpatchify(out, self.patch, C, H, W)  # (B, C, H, W)
+        out = unpatchify(out, self.patch, C, H, W)  # (B, C, H, W)
+        return self.final_conv(out) if self.uvit else out
+
+    def run_blocks(self, h, c):
+        """The blocks on tokens h (B, N, D) with adaLN vector c (B, D); U-ViT: block i < (depth-1)//2 hands its
+        output to block depth-1-i, which first merges it with its input through skip_linears."""
+        if not self.uvit:
+            for block in self.blocks:
+                h = block(h, c)
+            return h
+        n, skips = len(self.skip_linears), []
+        for i, block in enumerate(self.blocks):
+            if i >= len(self.blocks) - n:
+                h = self.skip_linears[i - (len(self.blocks) - n)](torch.cat([h, skips.pop()], dim=-1))  # (B, N, D)
+            h = block(h, c)  # (B, N, D)
+            if i < n:
+                skips.append(h)
+        return h
 
     def forward_with_cfg(self, x, t, conds=(), y=None, text=None, w=0.0):
         """Guided eps (1 + w) eps(cond) - w eps(null) from ONE doubled batch, on all channels

@@ -116,6 +116,7 @@ def preset_config(args):
     cfg = PRESETS[args.preset] | ({"baseline": args.baseline} if args.baseline else {})
     if args.depths:  # the oracle then keeps all latents of the deepest model
         cfg |= {"depths": tuple(sorted(set(args.depths))), "oracle_keep": (max(args.depths) - 1,)}
+    cfg |= {"model": args.model} if args.model else {}
     return cfg | ({"steps": args.steps, "latent_steps": args.steps} if args.steps else {})
 
 
@@ -484,6 +485,9 @@ def get_parser():
     p.add_argument("--baseline", default=None,
                    help="also train and sample Table 6's L = 1*: one level of this denoiser size (XS+: about the "
                         "forward GMACs of depth 3), same steps and batch as the image levels (full: XS+; others: none)")
+    p.add_argument("--model", choices=list(SIZES), default=None,
+                   help="denoiser size of every level instead of the preset's (every preset: XS; XS-U adds U-ViT's "
+                        "long skips and output conv)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
                         "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500)")

@@ -252,3 +252,42 @@ def test_cpu_bf16_attention_matches_sdpa_in_value_and_gradient():
     assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
     assert (g - g_ref).abs().max() < 0.03 * g_ref.abs().max()
     assert not torch.equal(out.float(), ref)  # the bf16 path really ran
+
+
+def test_uvit_long_skips_and_output_conv_match_the_hand_wired_network():
+    """XS-U (U-ViT, Bao et al. §3): block 0's output joins block 5's input and block 1's joins block 4's, each
+    through Linear(2D -> D) on [stream, skip]; blocks 2, 3 in the middle; then the head and a 3x3 conv. A fresh
+    model still outputs zero (the conv starts as the identity)."""
+    torch.manual_seed(0)
+    model = Denoiser((3, 8, 8), 2, size="XS-U")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    assert torch.equal(model(x, t), torch.zeros_like(x))
+    y = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.final_conv(y), y)
+    perturb(model).eval()
+    b, skip = model.blocks, model.skip_linears
+    assert len(b) == SIZES["XS-U"]["depth"] == 6 and len(skip) == 2
+    h, c = model.x_embedder(patchify(x, 2)) + model.pos_embed, model.t_embedder(t)  # (2, 16, D), (2, D)
+    a = b[0](h, c)
+    s = b[1](a, c)
+    m = b[3](b[2](s, c), c)
+    o = b[4](skip[0](torch.cat([m, s], -1)), c)  # the innermost skip first
+    o = b[5](skip[1](torch.cat([o, a], -1)), c)
+    ref = torch.nn.functional.conv2d(unpatchify(model.final_layer(o, c), 2, 3, 8, 8), model.final_conv.weight,
+                                     model.final_conv.bias, padding=1)
+    torch.testing.assert_close(model(x, t), ref)
+    no_skip = Denoiser((3, 8, 8), 2, size="XS")
+    no_skip.load_state_dict({k: v for k, v in model.state_dict().items() if "skip" not in k and "final_conv" not in k})
+    assert not torch.allclose(no_skip(x, t), ref)  # the skips and the conv change the output
+
+
+def test_uvit_gmacs_add_the_skip_linears_and_the_conv():
+    """XS-U's forward GMACs = XS's + 2 skips x N x 2D x D + the 3x3 conv's 9 C^2 H W (meta device: no weights)."""
+    D, n, (C, H, W) = SIZES["XS-U"]["width"], 16, (3, 8, 8)
+    with torch.device("meta"):
+        x, t = torch.zeros(1, C, H, W), torch.zeros(1, dtype=torch.long)
+        plain, uvit = (forward_gmacs(Denoiser((C, H, W), 2, size=s), x, t) for s in ("XS", "XS-U"))
+    assert uvit - plain == pytest.approx((2 * n * 2 * D * D + 9 * C * C * H * W) / 1e9, rel=1e-9)
+    meta = {"target": [C, H, W], "patch": 2, "conds": [], "num_classes": 0, "model": "XS-U", "p_uncond": 0.1,
+            "text_shape": None}
+    assert build_model(meta).uvit and len(build_model(meta).skip_linears) == 2  # a checkpoint rebuilds it
