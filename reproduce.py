@@ -130,10 +130,9 @@ def main(args):
     if args.depths and (min(args.depths) != 1 or max(args.depths) > 5):
         raise data.UsageError(f"--depths takes depths from 1 to 5, including 1 (the ratios divide by depth 1); "
                               f"got {data.as_typed(args.depths)}")
+    data.check_range("--p-uncond", args.p_uncond, 0, 1)
     resolve_encoder(args, cfg)
-    suffix = "" if args.encoder == "clip" else f"-{args.encoder}"  # another encoder's levels never share a folder
-    out = Path(args.out or f"results/{args.preset}{suffix}")
-    runs = Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}")
+    out, runs = folders(args, cfg)
     args.precision = ("bf16" if native_bf16(args.device) else "fp32") if args.precision == "auto" else args.precision
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.time()
@@ -209,6 +208,14 @@ def main(args):
                   time.time() - started, baseline, unconditional)
 
 
+def folders(args, cfg):
+    """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder and
+    --p-uncond where they are not the defaults, so that levels trained otherwise never share a folder."""
+    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.p_uncond == 0.1 else f"-p{args.p_uncond:g}")
+    return (Path(args.out or f"results/{args.preset}{suffix}"),
+            Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
+
+
 def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
     """Train (or reuse) one level of a depth-``depth`` model of mode ``cond`` with condition noise ``sigmas``."""
     steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
@@ -217,7 +224,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
-        "--precision", args.precision]
+        "--precision", args.precision, "--p-uncond", str(args.p_uncond)]
         + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
 
 
@@ -488,6 +495,10 @@ def get_parser():
     p.add_argument("--model", choices=list(SIZES), default=None,
                    help="denoiser size of every level instead of the preset's (every preset: XS; XS-U adds U-ViT's "
                         "long skips and output conv)")
+    p.add_argument("--p-uncond", type=float, default=0.1,
+                   help="probability that a level's conditions are replaced by their learned nulls in training "
+                        "(train.py --p-uncond; the paper's 0.1; at 1,600 steps 0.5 keeps depth 3 ahead of depth 1, "
+                        "README); another value trains into its own run and results folders (-p<value>)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
                         "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500)")

@@ -227,7 +227,8 @@ def test_baseline_and_depths_flags_are_checked_before_anything_is_built(tmp_path
     for argv, message in ((["--preset", "quick", "--baseline", "XXL"], "--baseline takes a denoiser size"),
                           (["--preset", "cond", "--baseline", "XS+"], "--baseline takes a denoiser size"),
                           (["--preset", "quick", "--depths", "3", "4"], "--depths takes depths from 1 to 5"),
-                          (["--preset", "cond", "--steps", "0"], "--steps takes a positive number")):
+                          (["--preset", "cond", "--steps", "0"], "--steps takes a positive number"),
+                          (["--preset", "quick", "--p-uncond", "1.5"], "--p-uncond")):
         with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(argv + ["--device", "cpu"]))
     assert list(tmp_path.iterdir()) == []  # no results folder, no data, no cache
@@ -247,3 +248,20 @@ def test_steps_flag_sets_every_level_and_reaches_train(monkeypatch):
     reproduce.train_level(args, cfg, Path("runs"), 2, 2, [0.5], "XS", "class")   # a latent level
     reproduce.train_level(args, cfg, Path("runs"), 2, 1, [0.5], "XS", "class")   # the image level
     assert [a.steps for a in seen] == [1000, 1000] and seen[0].text_path == "adaln"
+
+
+def test_p_uncond_and_model_reach_train_and_another_p_uncond_gets_its_own_folders(monkeypatch):
+    """--p-uncond goes to every level's train.py; a value other than the paper's 0.1 names its own run and results
+    folders (train.py's level names do not carry it); --model replaces the preset's size."""
+    parse = lambda *argv: reproduce.get_parser().parse_args(["--device", "cpu", "--precision", "fp32", *argv])  # noqa: E731
+    default, half = parse("--preset", "quick"), parse("--preset", "quick", "--p-uncond", "0.5", "--model", "XS-U")
+    assert reproduce.folders(default, reproduce.preset_config(default)) == (Path("results/quick"), Path("runs/reproduce-quick"))
+    cfg = reproduce.preset_config(half)
+    assert cfg["model"] == "XS-U" and reproduce.PRESETS["quick"]["model"] == "XS"
+    assert reproduce.folders(half, cfg) == (Path("results/quick-p0.5"), Path("runs/reproduce-quick-p0.5"))
+    recon = parse("--preset", "recon", "--p-uncond", "0.5")                   # recon reuses quick's levels of that value
+    assert reproduce.folders(recon, reproduce.preset_config(recon))[1] == Path("runs/reproduce-quick-p0.5")
+    seen = []
+    monkeypatch.setattr(reproduce.train, "train", seen.append)
+    reproduce.train_level(half, cfg, Path("runs"), 3, 1, [0.0, 0.5], cfg["model"])
+    assert seen[0].p_uncond == 0.5 and seen[0].model == "XS-U"
