@@ -344,9 +344,10 @@ class Denoiser(nn.Module):
                 h = block(h, c)
             return h
         n, skips = len(self.skip_linears), []
+        first_out = len(self.blocks) - n  # the first block that takes a skip
         for i, block in enumerate(self.blocks):
-            if i >= len(self.blocks) - n:
-                h = self.skip_linears[i - (len(self.blocks) - n)](torch.cat([h, skips.pop()], dim=-1))  # (B, N, D)
+            if i >= first_out:
+                h = self.skip_linears[i - first_out](torch.cat([h, skips.pop()], dim=-1))  # (B, N, D)
             h = block(h, c)  # (B, N, D)
             if i < n:
                 skips.append(h)

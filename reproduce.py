@@ -211,7 +211,8 @@ def main(args):
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder and
     --p-uncond where they are not the defaults, so that levels trained otherwise never share a folder."""
-    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.p_uncond == 0.1 else f"-p{args.p_uncond:g}")
+    default_p = get_parser().get_default("p_uncond")
+    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.p_uncond == default_p else f"-p{args.p_uncond:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 
