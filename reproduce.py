@@ -4,14 +4,15 @@ glyph data -> glyph CLIP (the offline stand-in for the paper's pretrained encode
 every level of each depth (levels shared between depths are trained once, as in paper §4.1) ->
 cascaded sampling -> FID against the held-out glyphs, without and with guidance (Table 1's two column
 groups; the quick preset leaves guidance out to stay under 20 minutes) -> ``results/<preset>/results.md``
-and sample grids. The full preset adds Table 1's σ_2 sweep
-(the image level retrained with σ_2 ∈ {0, 0.5, 1}, the upper σ at the paper's unconditional values) and
-an oracle row: the deepest model with its top latents taken from held-out glyphs.
+and sample grids. The full preset adds Table 6's 1* baseline and an oracle row: the deepest model with its top
+latents taken from held-out glyphs; the sigma preset, on its levels, Table 1's σ_2 sweep (the image level retrained
+with σ_2 ∈ {0, 0.5, 1}, the upper σ at the paper's unconditional values).
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
     python reproduce.py --preset quick     # depths 1 and 4, ~17 min on 2 CPU cores (make demo; README)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
+    python reproduce.py --preset sigma     # after full: Table 1's σ_2 sweep on its levels
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
     python reproduce.py --preset quick-long  # quick's depths 1 and 3 with 2x the image-level training
     python reproduce.py --preset recon     # after quick: depth 5 at the paper's σ and at σ = 0, resamples (Fig. 4)
@@ -44,12 +45,17 @@ QUICK = dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, d
 QUICK3 = dict(QUICK, depths=(1, 3), oracle_keep=(2,))  # the quick preset before it went to depth 4 (README)
 PRESETS = {
     "quick": QUICK,
+    # p_uncond 0.5 (not the paper's 0.1): at depth 3 it is never worse and from 1,600 steps far better (README)
     "full": dict(clip_steps=500, model="XS", steps=1000, latent_steps=1000, batch=64, depths=(1, 2, 3),
-                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(0.0, 0.5, 1.0), oracle_keep=(1, 2),
-                 baseline="XS+", clean=True),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), oracle_keep=(1, 2),
+                 baseline="XS+", p_uncond=0.5),
+    # Table 1's σ_2 sweep and Fig. 4's clean model (every σ = 0) on the full preset's encoder and levels
+    "sigma": dict(clip_steps=500, clip_of="full", runs_of="full", model="XS", steps=1000, latent_steps=1000,
+                  batch=64, depths=(1, 2, 3), n_samples=500, sample_steps=50, fid_ref=None,
+                  sigma_sweep=(0.0, 0.5, 1.0), guided=False, clean=True, p_uncond=0.5),
     # the full preset's depths 1 and 3 with twice the image-level budget (same encoder, same latent levels)
     "long": dict(clip_steps=500, clip_of="full", model="XS", steps=2000, latent_steps=1000, batch=64, depths=(1, 3),
-                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=()),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), p_uncond=0.5),
     # the quick preset with twice the image-level budget (its encoder; seeded with a copy of its run folder, only
     # the image levels' second 800 steps are trained: under the constant learning rate that equals 1,600 from scratch)
     "quick-long": dict(QUICK3, clip_of="quick", steps=1600),
@@ -64,6 +70,7 @@ PRESETS = {
 # what the conditional preset prompts with: radicals (class mode) and definitions (text mode, each the
 # definition of glyphs of one radical: gold 金, water 水, tree 木, fire 火, fish 魚, horse 馬)
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
+P_UNCOND = 0.1  # the paper's condition dropout (train.py --p-uncond), unless a preset says otherwise
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
 ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT"}
@@ -112,8 +119,9 @@ def resolve_encoder(args, cfg):
 
 
 def preset_config(args):
-    """The preset's settings as the flags change them: --baseline, --depths, --steps."""
-    cfg = PRESETS[args.preset] | ({"baseline": args.baseline} if args.baseline else {})
+    """The preset's settings as the flags change them: --baseline, --depths, --model, --p-uncond, --steps."""
+    cfg = {"p_uncond": P_UNCOND} | PRESETS[args.preset] | ({"baseline": args.baseline} if args.baseline else {})
+    cfg |= {"p_uncond": args.p_uncond} if args.p_uncond is not None else {}
     if args.depths:  # the oracle then keeps all latents of the deepest model
         cfg |= {"depths": tuple(sorted(set(args.depths))), "oracle_keep": (max(args.depths) - 1,)}
     cfg |= {"model": args.model} if args.model else {}
@@ -130,7 +138,7 @@ def main(args):
     if args.depths and (min(args.depths) != 1 or max(args.depths) > 5):
         raise data.UsageError(f"--depths takes depths from 1 to 5, including 1 (the ratios divide by depth 1); "
                               f"got {data.as_typed(args.depths)}")
-    data.check_range("--p-uncond", args.p_uncond, 0, 1)
+    data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
     resolve_encoder(args, cfg)
     out, runs = folders(args, cfg)
     args.precision = ("bf16" if native_bf16(args.device) else "fp32") if args.precision == "auto" else args.precision
@@ -210,9 +218,9 @@ def main(args):
 
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder and
-    --p-uncond where they are not the defaults, so that levels trained otherwise never share a folder."""
-    default_p = get_parser().get_default("p_uncond")
-    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.p_uncond == default_p else f"-p{args.p_uncond:g}")
+    p_uncond where they are not the preset's, so that levels trained otherwise never share a folder."""
+    preset_p = PRESETS[args.preset].get("p_uncond", P_UNCOND)
+    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if cfg["p_uncond"] == preset_p else f"-p{cfg['p_uncond']:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 
@@ -225,7 +233,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
-        "--precision", args.precision, "--p-uncond", str(args.p_uncond)]
+        "--precision", args.precision, "--p-uncond", str(cfg["p_uncond"])]
         + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
 
 
@@ -294,7 +302,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Encoder: "
              f"{ENCODER_NAMES[args.encoder]} ({encoder_weights(args)}). Denoisers: size {cfg['model']}, "
-             f"{cfg['steps']} steps per level at batch {cfg['batch']}; DPM-Solver++(2M), {cfg['sample_steps']} steps "
+             f"{cfg['steps']} steps per level at batch {cfg['batch']}, conditions dropped with p_uncond {cfg['p_uncond']:g}; DPM-Solver++(2M), {cfg['sample_steps']} steps "
              f"per level. FID: {cfg['n_samples']} samples per model against "
              f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3). σ_L … σ_2 = the paper's "
              f"unconditional schedule ({', '.join(f'{default_sigmas(d)}' for d in cfg['depths'] if d > 1)}).", "",
@@ -342,6 +350,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
         "encoder": args.encoder, "encoder_weights": encoder_weights(args),
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
+        "p_uncond": cfg["p_uncond"],
         "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
         indent=1))
     print("\n" + "\n".join(lines))
@@ -474,7 +483,8 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick: ~17 min demo, depths 1 and 4; full: README numbers and the σ_2 sweep; long: full's "
+                   help="quick: ~17 min demo, depths 1 and 4; full: depths 1-3, guidance, oracle and the 1* baseline; sigma: "
+                        "Table 1's σ_2 sweep and the clean (σ = 0) depth 3 on full's levels; long: full's "
                         "depths 1 and 3 with twice the image-level steps; quick-long: the same for quick at depths 1 "
                         "and 3 (seed its run folder with a copy of quick's); recon: quick's levels at depths 1 and 5 "
                         "plus depth 5 trained with every σ = 0 and its resamples of held-out glyphs (quick's run "
@@ -496,11 +506,11 @@ def get_parser():
     p.add_argument("--model", choices=list(SIZES), default=None,
                    help="denoiser size of every level instead of the preset's (every preset: XS; XS-U adds U-ViT's "
                         "long skips and output conv)")
-    p.add_argument("--p-uncond", type=float, default=0.1,
+    p.add_argument("--p-uncond", type=float, default=None,
                    help="probability that a level's conditions are replaced by their learned nulls in training "
-                        "(train.py --p-uncond; the paper's 0.1; 0.5 costs depth 4 some FID at 800 steps and keeps depth 3 "
-                        "ahead of depth 1 at 1,600, README); another value trains into its own run and results folders "
-                        "(-p<value>)")
+                        "(train.py --p-uncond; default: the preset's, 0.5 for full, sigma and long, else the paper's 0.1: "
+                        "0.5 costs depth 4 some FID at 800 steps and keeps depth 3 ahead of depth 1 at 1,600, README); "
+                        "another value than the preset's trains into its own run and results folders (-p<value>)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
                         "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500)")

@@ -9,12 +9,13 @@ import data
 import reproduce
 
 
-def test_full_preset_trains_each_depth_then_the_sigma_sweep():
+def test_full_preset_trains_each_depth_and_the_sigma_preset_the_sweep():
     assert reproduce.default_sigmas(1) == [] and reproduce.default_sigmas(3) == [0.0, 0.5]  # σ_3, σ_2
-    assert reproduce.models(reproduce.PRESETS["full"]) == [
-        (1, []), (2, [0.0]), (3, [0.0, 0.5]),       # the paper's σ (unconditional: 0 on 1×1, 0.5 on 2×2)
+    full = [(1, []), (2, [0.0]), (3, [0.0, 0.5])]   # the paper's σ (unconditional: 0 on 1×1, 0.5 on 2×2)
+    assert reproduce.models(reproduce.PRESETS["full"]) == full
+    assert reproduce.models(reproduce.PRESETS["sigma"]) == full + [
         (2, [0.5]), (2, [1.0]),                     # depth 2: σ_2 swept, the default 0 already trained
-        (3, [0.0, 0.0]), (3, [0.0, 1.0])]           # depth 3: σ_3 kept at 0, σ_2 swept
+        (3, [0.0, 0.0]), (3, [0.0, 1.0])]           # depth 3: σ_3 kept at 0, σ_2 swept (0, 0: also the clean model)
     assert reproduce.models(reproduce.PRESETS["quick"]) == [(1, []), (4, [0.0, 0.5, 0.5])]
     shallow = dict(reproduce.PRESETS["recon"], depths=(1, 3))  # --depths 1 3: the clean model is the deepest
     assert reproduce.models(shallow) == [(1, []), (3, [0.0, 0.5]), (3, [0.0, 0.0])]
@@ -22,12 +23,12 @@ def test_full_preset_trains_each_depth_then_the_sigma_sweep():
     assert reproduce.models(deeper) == [(1, []), (5, [0.0, 0.5, 0.5, 1.0]), (5, [0.0, 0.0, 0.0, 0.0])]
     clean = [(level, s) for d, level, s in reproduce.training_plan(deeper) if s == [0.0] * 4]
     assert clean == [(5, [0.0] * 4), (4, [0.0] * 4), (3, [0.0] * 4), (2, [0.0] * 4), (1, [0.0] * 4)]  # every level
-    sweep = [(d, level) for d, level, s in reproduce.training_plan(reproduce.PRESETS["full"]) if s == [0.0, 1.0]]
+    sweep = [(d, level) for d, level, s in reproduce.training_plan(reproduce.PRESETS["sigma"]) if s == [0.0, 1.0]]
     assert sweep == [(3, 1)]                                   # the σ_2 sweep retrains the image level alone
 
 
 def test_results_tables_put_each_fid_in_its_cell(tmp_path):
-    cfg = reproduce.PRESETS["full"]
+    cfg = reproduce.PRESETS["full"] | {"sigma_sweep": (0.0, 0.5, 1.0), "clean": True}  # every table at once
     fids = {(d, tuple(s), 0.0): 10.0 * d + 100 * (s[-1] if s else 0) for d, s in reproduce.models(cfg)}
     fids[2, (0.0,), reproduce.CFG], fids[3, (0.0, 0.5), reproduce.CFG] = 7.0, 8.0
     args = reproduce.get_parser().parse_args(["--preset", "full", "--device", "cpu", "--prediction", "eps", "--precision", "fp32"])
@@ -47,8 +48,9 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
            "3.000 × depth 1." in lines                                   # the σ_2 = 0 model of the sweep
     assert [ln for ln in lines if ln.startswith("| 1* (XS+) |")][0].endswith("| 40.00 | — |")
     assert "FID ratios, no guidance: depth3/depth1 8.000, depth3/1* 2.000" in lines
+    assert "conditions dropped with p_uncond 0.5;" in lines[4]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert {(r["depth"], tuple(r["sigmas"]), r["cfg"]): r["fid"] for r in saved["fid"]} == fids
+    assert {(r["depth"], tuple(r["sigmas"]), r["cfg"]): r["fid"] for r in saved["fid"]} == fids and saved["p_uncond"] == 0.5
     assert saved["ratios"] == {"depth3/depth1": 8.0, "depth3/1*": 2.0} and saved["unconditional_mse"] == 0.2
     assert "Command: `python reproduce.py --preset full --prediction eps --precision fp32` — " in lines[2] and saved["prediction"] == "eps"
 
@@ -207,7 +209,7 @@ def test_mocov3_results_name_the_encoder_and_its_command(tmp_path):
     (tmp_path / "m.pt").touch()
     args = reproduce.get_parser().parse_args(["--preset", "quick", "--encoder", "mocov3", "--pretrained",
                                               str(tmp_path / "m.pt"), "--device", "cpu", "--precision", "fp32"])
-    cfg = reproduce.PRESETS["quick"]
+    cfg = reproduce.preset_config(args)
     args.given = reproduce.given_flags(args)
     reproduce.resolve_encoder(args, cfg)
     fids = {(1, (), 0.0): 100.0, (4, (0.0, 0.5, 0.5), 0.0): 90.0}
@@ -255,6 +257,7 @@ def test_p_uncond_and_model_reach_train_and_another_p_uncond_gets_its_own_folder
     folders (train.py's level names do not carry it); --model replaces the preset's size."""
     parse = lambda *argv: reproduce.get_parser().parse_args(["--device", "cpu", "--precision", "fp32", *argv])  # noqa: E731
     default, half = parse("--preset", "quick"), parse("--preset", "quick", "--p-uncond", "0.5", "--model", "XS-U")
+    assert reproduce.preset_config(default)["p_uncond"] == 0.1                # the paper's
     assert reproduce.folders(default, reproduce.preset_config(default)) == (Path("results/quick"), Path("runs/reproduce-quick"))
     cfg = reproduce.preset_config(half)
     assert cfg["model"] == "XS-U" and reproduce.PRESETS["quick"]["model"] == "XS"
@@ -265,3 +268,10 @@ def test_p_uncond_and_model_reach_train_and_another_p_uncond_gets_its_own_folder
     monkeypatch.setattr(reproduce.train, "train", seen.append)
     reproduce.train_level(half, cfg, Path("runs"), 3, 1, [0.0, 0.5], cfg["model"])
     assert seen[0].p_uncond == 0.5 and seen[0].model == "XS-U"
+    full, sweep, paper = parse("--preset", "full"), parse("--preset", "sigma"), parse("--preset", "full", "--p-uncond", "0.1")
+    assert reproduce.preset_config(full)["p_uncond"] == 0.5                   # the full preset's own default
+    assert reproduce.folders(full, reproduce.preset_config(full)) == (Path("results/full"), Path("runs/reproduce-full"))
+    assert reproduce.folders(sweep, reproduce.preset_config(sweep)) == (Path("results/sigma"), Path("runs/reproduce-full"))
+    assert reproduce.folders(paper, reproduce.preset_config(paper)) == (Path("results/full-p0.1"), Path("runs/reproduce-full-p0.1"))
+    reproduce.train_level(full, reproduce.preset_config(full), Path("runs"), 3, 1, [0.0, 0.5], "XS")
+    assert seen[1].p_uncond == 0.5
