@@ -205,7 +205,8 @@ def make_text_encoder(args, device=None):
 
 
 def cache_name(args):
-    """Folder name that identifies everything the cached features depend on."""
+    """Folder name that identifies everything the cached features depend on (the encoder weights by file name;
+    meta.json keeps their digest, weights_digest)."""
     tag = data_tag(args.data)
     weights = Path(args.pretrained).stem if Path(args.pretrained).exists() else args.pretrained
     vae = f"-vae{hashlib.sha1(args.vae.encode()).hexdigest()[:6]}" if args.image_space == "sd-vae" else ""
@@ -310,25 +311,45 @@ def build_cache(args, encoder=None, vae=None):
     """Encode the dataset once into ``<cache-dir>/<name>``; grids already cached are kept. Returns a Hierarchy.
     One process at a time builds a cache (a lock file in it); a second one exits with one line."""
     root = Path(args.cache_dir) / cache_name(args)
-    if not _missing(root, args):
+    digest = weights_digest(args)
+    if not _missing(root, args, digest):
         return Hierarchy(root)
     with data.folder_lock(root, "the latent cache"):
-        missing = _missing(root, args)  # another process may have completed it in the meantime
-        return _extend_cache(root, args, *missing, encoder, vae) if missing else Hierarchy(root)
+        missing = _missing(root, args, digest)  # another process may have completed it in the meantime
+        return _extend_cache(root, args, digest, *missing, encoder, vae) if missing else Hierarchy(root)
 
 
-def _missing(root, args):
-    """(cache meta, grids to encode, whether the VAE moments are to encode), or None when nothing is missing."""
+def weights_digest(args):
+    """SHA-1 of the encoder's weights file (--pretrained), None for a hub tag or random weights. The cache's name
+    holds the file's name only; its meta.json holds this, so weights retrained into the same file are noticed."""
+    path = Path(args.pretrained)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _missing(root, args, digest):
+    """(cache meta, grids to encode, whether the VAE moments are to encode), or None when nothing is missing. A cache
+    encoded with other weights of the same file name stops here with one line: its latents would be stale, and the
+    levels trained on them may still need it."""
     meta_path = root / "meta.json"
     meta = data.read_json(meta_path, f"delete the folder {root} to rebuild the cache") if meta_path.exists() else {}
+    if meta.get("weights_sha1", digest) != digest:  # caches written before the digest was kept pass
+        raise data.UsageError(f"latent cache {root} was encoded with other weights than {args.pretrained} (changed "
+                              f"since); pass another --cache-dir, or delete the folder to re-encode it")
     grids = [2 ** k for k in range(args.depth - 1)]
     todo = [m for m in grids if m not in meta.get("grids", [])]
     need_vae = args.image_space == "sd-vae" and not meta.get("vae")
     return None if meta and not todo and not need_vae else (meta, todo, need_vae)
 
 
-def _extend_cache(root, args, meta, todo, need_vae, encoder, vae):
-    """Encode what is missing (``todo`` grids, VAE moments) into the cache folder ``root``."""
+def _extend_cache(root, args, digest, meta, todo, need_vae, encoder, vae):
+    """Encode what is missing (``todo`` grids, VAE moments) into the cache folder ``root``, whose encoder weights
+    have the SHA-1 ``digest`` (weights_digest)."""
     meta_path = root / "meta.json"
     encoder = encoder or make_encoder(args)
     vae = vae or (load_vae(args.vae, args.device) if need_vae else None)
@@ -348,6 +369,7 @@ def _extend_cache(root, args, meta, todo, need_vae, encoder, vae):
     meta = {"grids": sorted(set(meta.get("grids", [])) | set(todo)), "enc_dim": encoder.dim,
             "num_classes": ds.num_classes, "has_captions": ds.has_captions,
             "image_shape": image_shape, "image_space": args.image_space, "vae": bool(meta.get("vae") or need_vae),
+            "weights_sha1": digest,
             "args": {k: getattr(args, k) for k in ("data", "image_size", "encoder", "clip", "pretrained", "min_crop", "vae")}}
     meta["files"] = {p.name: p.stat().st_size for p in sorted(root.iterdir())
                      if p.suffix in (".npy", ".npz", ".json") and p.name != "meta.json"}

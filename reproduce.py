@@ -91,7 +91,7 @@ def default_sigmas(depth, cond="none"):
 def hierarchy_argv(args):
     return ["--data", "glyphs", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
             "--cache-dir", args.cache_dir, "--encoder", args.encoder, "--pretrained", encoder_weights(args),
-            "--device", args.device]
+            "--min-crop", str(args.min_crop), "--device", args.device]
 
 
 def encoder_weights(args):
@@ -139,6 +139,7 @@ def main(args):
         raise data.UsageError(f"--depths takes depths from 1 to 5, including 1 (the ratios divide by depth 1); "
                               f"got {data.as_typed(args.depths)}")
     data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
+    data.check_range("--min-crop", args.min_crop, 1)
     resolve_encoder(args, cfg)
     out, runs = folders(args, cfg)
     args.precision = ("bf16" if native_bf16(args.device) else "fp32") if args.precision == "auto" else args.precision
@@ -217,10 +218,12 @@ def main(args):
 
 
 def folders(args, cfg):
-    """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder and
-    p_uncond where they are not the preset's, so that levels trained otherwise never share a folder."""
+    """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
+    smallest crop and p_uncond where they are not the preset's, so that levels trained otherwise never share a folder."""
     preset_p = PRESETS[args.preset].get("p_uncond", P_UNCOND)
-    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if cfg["p_uncond"] == preset_p else f"-p{cfg['p_uncond']:g}")
+    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") \
+        + ("" if args.min_crop == H.get_parser().get_default("min_crop") else f"-crop{args.min_crop}") \
+        + ("" if cfg["p_uncond"] == preset_p else f"-p{cfg['p_uncond']:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 
@@ -492,6 +495,10 @@ def get_parser():
     p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
                         "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained; not for preset cond)")
+    p.add_argument("--min-crop", type=int, default=64,
+                   help="smallest crop in px that a latent grid cell is encoded from (hierarchy.py --min-crop, paper "
+                        "§3.3: 64 px of 256); smaller cells pool the encoder's token map. The default never crops the "
+                        "32 px glyphs; 8 is the paper's proportion (crops for the 2x2 and 4x4 levels)")
     p.add_argument("--clip", default=None, help="--encoder clip: glyph CLIP weights, trained when missing "
                                                "(default: checkpoints/glyph-clip-<preset>.pt)")
     p.add_argument("--pretrained", default=None,

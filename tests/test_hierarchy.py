@@ -1,9 +1,7 @@
-"""Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level."""
-import json
-
-
 """Latent hierarchy: level shapes, SVD reduction vs numpy, unit RMS, σ-noise statistics, cache round trip, SD-VAE level,
 the MoCo-v3 encoder, the offline path to a trained encoder, text towers."""
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -182,6 +180,24 @@ def test_sd_vae_bottom_level(tmp_path, tiny_encoder):
     stderr = dist.std[0] * H.VAE_SCALE / 20
     assert ((draws.mean(0) - dist.mean[0] * H.VAE_SCALE).abs() < 5 * stderr + 1e-3).all()
     torch.testing.assert_close(draws.std(0), dist.std[0] * H.VAE_SCALE, rtol=0.15, atol=1e-3)
+
+
+def test_cache_of_weights_retrained_into_the_same_file_is_refused(tmp_path, tiny_encoder):
+    """The cache is named after the weights file; meta.json keeps its SHA-1, so new weights under the old name stop
+    with one line instead of reading the old latents (and leave the cache as it was)."""
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"first training")
+    args = _args(tmp_path, _folder(tmp_path), 2, pretrained=str(weights))
+    root = H.build_cache(args, encoder=tiny_encoder).root
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["weights_sha1"] == hashlib.sha1(b"first training").hexdigest() and "clip" in root.name
+    files = {p.name: p.read_bytes() for p in root.iterdir()}
+    weights.write_bytes(b"second training")
+    with pytest.raises(H.data.UsageError, match=f"latent cache {root} was encoded with other weights than {weights}"):
+        H.build_cache(args, encoder=tiny_encoder)
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == files
+    weights.write_bytes(b"first training")
+    assert H.build_cache(args, encoder=tiny_encoder).root == root  # the same weights: reused
 
 
 def test_missing_glyph_clip_is_usage_error(tmp_path):

@@ -230,7 +230,8 @@ def test_baseline_and_depths_flags_are_checked_before_anything_is_built(tmp_path
                           (["--preset", "cond", "--baseline", "XS+"], "--baseline takes a denoiser size"),
                           (["--preset", "quick", "--depths", "3", "4"], "--depths takes depths from 1 to 5"),
                           (["--preset", "cond", "--steps", "0"], "--steps takes a positive number"),
-                          (["--preset", "quick", "--p-uncond", "1.5"], "--p-uncond")):
+                          (["--preset", "quick", "--p-uncond", "1.5"], "--p-uncond"),
+                          (["--preset", "quick", "--min-crop", "0"], "--min-crop must be >= 1")):
         with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(argv + ["--device", "cpu"]))
     assert list(tmp_path.iterdir()) == []  # no results folder, no data, no cache
@@ -274,4 +275,9 @@ def test_p_uncond_and_model_reach_train_and_another_p_uncond_gets_its_own_folder
     assert reproduce.folders(sweep, reproduce.preset_config(sweep)) == (Path("results/sigma"), Path("runs/reproduce-full"))
     assert reproduce.folders(paper, reproduce.preset_config(paper)) == (Path("results/full-p0.1"), Path("runs/reproduce-full-p0.1"))
     reproduce.train_level(full, reproduce.preset_config(full), Path("runs"), 3, 1, [0.0, 0.5], "XS")
-    assert seen[1].p_uncond == 0.5
+    assert seen[1].p_uncond == 0.5 and seen[1].min_crop == 64                # the hierarchy's default: no crops at 32 px
+    crops = parse("--preset", "quick", "--min-crop", "8", "--p-uncond", "0.5")  # crops of 16 and 8 px (paper §3.3)
+    assert reproduce.folders(crops, reproduce.preset_config(crops)) == (Path("results/quick-crop8-p0.5"),
+                                                                        Path("runs/reproduce-quick-crop8-p0.5"))
+    reproduce.train_level(crops, reproduce.preset_config(crops), Path("runs"), 3, 1, [0.0, 0.5], "XS")
+    assert seen[2].min_crop == 8
