@@ -47,6 +47,7 @@ import data
 from encoder import Encoder, MoCoV3Encoder, WeightsUnavailable
 from denoiser import token_patch
 
+MIN_CROP = 64              # paper §4.1: a grid cell of at least 64 px is encoded from its own crop
 VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet): latents are scaled to about unit variance
 VAE_SCALES = {"coco": 0.23010}  # per-dataset exceptions (U-ViT's COCO scripts, shared/paper.md §4.2)
 PCA_FIT_VECTORS = 200_000  # feature vectors (grid cells) used to fit each level's basis
@@ -563,7 +564,7 @@ def add_hierarchy_args(p):
     p.add_argument("--text-encoder", default=None,
                    help="--cond text: open_clip NAME:WEIGHTS of the text tower, e.g. ViT-L-14:openai as U-ViT "
                         "(default: the --encoder clip model's own)")
-    p.add_argument("--min-crop", type=int, default=64,
+    p.add_argument("--min-crop", type=int, default=MIN_CROP,
                    help="smallest crop (px) encoded on its own; finer grids pool the token map (paper: 64 at 256px)")
     p.add_argument("--image-space", choices=("pixels", "sd-vae"), default=None,
                    help="bottom level: pixels, or SD-VAE latents (default: pixels for glyphs, else sd-vae)")

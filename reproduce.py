@@ -222,7 +222,7 @@ def folders(args, cfg):
     smallest crop and p_uncond where they are not the preset's, so that levels trained otherwise never share a folder."""
     preset_p = PRESETS[args.preset].get("p_uncond", P_UNCOND)
     suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") \
-        + ("" if args.min_crop == H.get_parser().get_default("min_crop") else f"-crop{args.min_crop}") \
+        + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
         + ("" if cfg["p_uncond"] == preset_p else f"-p{cfg['p_uncond']:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
@@ -305,8 +305,9 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Encoder: "
              f"{ENCODER_NAMES[args.encoder]} ({encoder_weights(args)}). Denoisers: size {cfg['model']}, "
-             f"{cfg['steps']} steps per level at batch {cfg['batch']}, conditions dropped with p_uncond {cfg['p_uncond']:g}; DPM-Solver++(2M), {cfg['sample_steps']} steps "
-             f"per level. FID: {cfg['n_samples']} samples per model against "
+             f"{cfg['steps']} steps per level at batch {cfg['batch']}, conditions dropped with p_uncond "
+             f"{cfg['p_uncond']:g}; DPM-Solver++(2M), {cfg['sample_steps']} steps per level. FID: {cfg['n_samples']} "
+             f"samples per model against "
              f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3). σ_L … σ_2 = the paper's "
              f"unconditional schedule ({', '.join(f'{default_sigmas(d)}' for d in cfg['depths'] if d > 1)}).", "",
              f"| depth L | forward GMACs per image (all levels) | FID ↓, no guidance | FID ↓, guidance w = {CFG}, γ = 0.3 |",
@@ -495,7 +496,7 @@ def get_parser():
     p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
                         "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained; not for preset cond)")
-    p.add_argument("--min-crop", type=int, default=64,
+    p.add_argument("--min-crop", type=int, default=H.MIN_CROP,
                    help="smallest crop in px that a latent grid cell is encoded from (hierarchy.py --min-crop, paper "
                         "§3.3: 64 px of 256); smaller cells pool the encoder's token map. The default never crops the "
                         "32 px glyphs; 8 is the paper's proportion (crops for the 2x2 and 4x4 levels)")
