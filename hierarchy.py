@@ -333,15 +333,21 @@ def weights_digest(args):
     return digest.hexdigest()
 
 
+def refuse_other_weights(root, meta, args, digest):
+    """One line, unless the cache ``root`` (its ``meta``) was encoded with the weights of SHA-1 ``digest``
+    (weights_digest of ``args``); caches written before the digest was kept pass."""
+    if meta.get("weights_sha1", digest) != digest:
+        raise data.UsageError(f"latent cache {root} was encoded with other weights than {args.pretrained} (changed "
+                              f"since); pass another --cache-dir, or delete the folder to re-encode it")
+
+
 def _missing(root, args, digest):
     """(cache meta, grids to encode, whether the VAE moments are to encode), or None when nothing is missing. A cache
     encoded with other weights of the same file name stops here with one line: its latents would be stale, and the
     levels trained on them may still need it."""
     meta_path = root / "meta.json"
     meta = data.read_json(meta_path, f"delete the folder {root} to rebuild the cache") if meta_path.exists() else {}
-    if meta.get("weights_sha1", digest) != digest:  # caches written before the digest was kept pass
-        raise data.UsageError(f"latent cache {root} was encoded with other weights than {args.pretrained} (changed "
-                              f"since); pass another --cache-dir, or delete the folder to re-encode it")
+    refuse_other_weights(root, meta, args, digest)
     grids = [2 ** k for k in range(args.depth - 1)]
     todo = [m for m in grids if m not in meta.get("grids", [])]
     need_vae = args.image_space == "sd-vae" and not meta.get("vae")

@@ -313,6 +313,8 @@ def main(args):
     cache_args = argparse.Namespace(**{"encoder": "clip", **hier.meta["args"], "device": args.device,
                                        "text_encoder": metas[0].get("text_encoder")})
     vae = H.load_vae(cache_args.vae, device) if hier.meta["image_space"] == "sd-vae" else None
+    if args.reference:  # its latents must come from the weights the levels were trained on
+        H.refuse_other_weights(hier.root, hier.meta, cache_args, H.weights_digest(cache_args))
     encoder = H.make_encoder(cache_args, device) if args.reference else None
     text_encoder = H.make_text_encoder(cache_args, device) if args.cond == "text" else None
     if args.reference:

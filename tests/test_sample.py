@@ -175,6 +175,15 @@ def test_dataset_reference_resamples_each_image_once(run, monkeypatch):
         sample.main(sample_args(run, "--reference", spec, "--keep", "2", "--n", str(len(images) + 1)))
 
 
+def test_reference_refuses_a_cache_of_other_encoder_weights(run, monkeypatch, tmp_path):
+    """Resampling a reference re-encodes it with the encoder file the cache names; weights retrained into that file
+    since (another SHA-1 than the cache's meta.json keeps) would give latents the levels never saw: one line."""
+    monkeypatch.setattr(sample.H, "weights_digest", lambda args: "f" * 40)
+    with pytest.raises(data.UsageError, match="was encoded with other weights than random"):
+        sample.main(sample_args(run, "--reference", str(run / "ref.png"), "--keep", "1", "--out", str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_level_names_the_train_command(run, tmp_path):
     for p in (run / "runs").iterdir():
         if p.name.startswith("image"):
