@@ -40,8 +40,9 @@ import train_encoder
 from denoiser import COND_PATHS, SIZES, TEXT_PATHS, native_bf16
 from diffusion import PREDICTIONS
 
+P_UNCOND = 0.1  # the paper's condition dropout (train.py --p-uncond); full, sigma and long use 0.5
 QUICK = dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 4), n_samples=256,
-             sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(3,))
+             sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(3,), p_uncond=P_UNCOND)
 QUICK3 = dict(QUICK, depths=(1, 3), oracle_keep=(2,))  # the quick preset before it went to depth 4 (README)
 PRESETS = {
     "quick": QUICK,
@@ -66,12 +67,12 @@ PRESETS = {
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence; at 1,000
     # steps per level the samples barely followed their prompt, at 2,500 they do (README)
     "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=2500, latent_steps=2500, batch=64, depths=(1, 3),
-                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64),
+                 n_samples=500, sample_steps=50, fid_ref=None, sigma_sweep=(), conds=("class", "text"), n_prompt=64,
+                 p_uncond=P_UNCOND),
 }
 # what the conditional preset prompts with: radicals (class mode) and definitions (text mode, each the
 # definition of glyphs of one radical: gold 金, water 水, tree 木, fire 火, fish 魚, horse 馬)
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
-P_UNCOND = 0.1  # the paper's condition dropout (train.py --p-uncond), unless a preset says otherwise
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
 ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT"}
@@ -121,7 +122,7 @@ def resolve_encoder(args, cfg):
 
 def preset_config(args):
     """The preset's settings as the flags change them: --baseline, --depths, --model, --p-uncond, --steps."""
-    cfg = {"p_uncond": P_UNCOND} | PRESETS[args.preset] | ({"baseline": args.baseline} if args.baseline else {})
+    cfg = PRESETS[args.preset] | ({"baseline": args.baseline} if args.baseline else {})
     cfg |= {"p_uncond": args.p_uncond} if args.p_uncond is not None else {}
     if args.depths:  # the oracle then keeps all latents of the deepest model
         cfg |= {"depths": tuple(sorted(set(args.depths))), "oracle_keep": (max(args.depths) - 1,)}
@@ -221,10 +222,9 @@ def main(args):
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
     smallest crop and p_uncond where they are not the preset's, so that levels trained otherwise never share a folder."""
-    preset_p = PRESETS[args.preset].get("p_uncond", P_UNCOND)
     suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") \
         + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
-        + ("" if cfg["p_uncond"] == preset_p else f"-p{cfg['p_uncond']:g}")
+        + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 

@@ -254,8 +254,9 @@ def test_steps_flag_sets_every_level_and_reaches_train(monkeypatch):
 
 
 def test_p_uncond_and_model_reach_train_and_another_p_uncond_gets_its_own_folders(monkeypatch):
-    """--p-uncond goes to every level's train.py; a value other than the paper's 0.1 names its own run and results
-    folders (train.py's level names do not carry it); --model replaces the preset's size."""
+    """--p-uncond goes to every level's train.py; a value other than the preset's (the paper's 0.1, or 0.5 for full)
+    names its own run and results folders (train.py's level names do not carry it); --model replaces the preset's size;
+    --min-crop reaches train.py and names its folders too."""
     parse = lambda *argv: reproduce.get_parser().parse_args(["--device", "cpu", "--precision", "fp32", *argv])  # noqa: E731
     default, half = parse("--preset", "quick"), parse("--preset", "quick", "--p-uncond", "0.5", "--model", "XS-U")
     assert reproduce.preset_config(default)["p_uncond"] == 0.1                # the paper's
