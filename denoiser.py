@@ -53,6 +53,7 @@ SIZES = {
     "XS++": dict(width=192, depth=8, heads=3),    # two blocks deeper: the glyph "L = 1*" baseline of depth 4
     "XS-U": dict(width=192, depth=6, heads=3, uvit=True),  # XS with U-ViT's long skips (2 in, 2 mid, 2 out) and output conv
     "S": dict(width=384, depth=12, heads=6),      # DiT-S
+    "S+": dict(width=384, depth=14, heads=6),     # S two blocks deeper: the gpu preset's "L = 1*" of depth 3 (Table 6)
     "B": dict(width=768, depth=12, heads=12),     # DiT-B: the paper's width 768 and depth 12 (U-ViT "Mid")
     "B-U": dict(width=768, depth=13, heads=12, uvit=True),  # the paper's U-ViT "Mid": 6 in, 1 mid, 6 out blocks
     "L": dict(width=1024, depth=24, heads=16),    # DiT-L

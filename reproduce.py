@@ -17,6 +17,8 @@ CPU float reductions and thread timing aside, all randomness is seeded).
     python reproduce.py --preset quick-long  # quick's depths 1 and 3 with 2x the image-level training
     python reproduce.py --preset recon     # after quick: depth 5 at the paper's σ and at σ = 0, resamples (Fig. 4)
     python reproduce.py --preset cond      # class- and text-conditional depths 1 and 3: FID, prompt adherence
+    python reproduce.py --preset gpu --defer-fid   # on a GPU: full's depths 1 and 3 at size S, batch 256, 3,000 steps
+    python reproduce.py --preset gpu --finish      # then, where the FID weights are: FID and the results files
 
 ``--encoder mocov3 --pretrained FILE`` runs a preset on a MoCo-v3 ViT trained on the glyphs (train_encoder.py
 --objective mocov3; the paper's ImageNet encoder) instead of the glyph CLIP: no CLIP is trained, the latent cache,
@@ -40,7 +42,8 @@ import train_encoder
 from denoiser import COND_PATHS, SIZES, TEXT_PATHS, native_bf16
 from diffusion import PREDICTIONS
 
-P_UNCOND = 0.1  # the paper's condition dropout (train.py --p-uncond); full, sigma and long use 0.5
+PENDING = "pending.json"  # what a --defer-fid run leaves for --finish: the sample files and everything but the FIDs
+P_UNCOND = 0.1  # the paper's condition dropout (train.py --p-uncond); full, sigma, long and gpu use 0.5
 QUICK = dict(clip_steps=30, model="XS", steps=800, latent_steps=800, batch=64, depths=(1, 4), n_samples=256,
              sample_steps=50, fid_ref=500, sigma_sweep=(), guided=False, oracle_keep=(3,), p_uncond=P_UNCOND)
 QUICK3 = dict(QUICK, depths=(1, 3), oracle_keep=(2,))  # the quick preset before it went to depth 4 (README)
@@ -64,6 +67,11 @@ PRESETS = {
     # Fig. 4's σ = 0: the quick preset's models (its encoder and run folder) plus the deepest model trained with
     # clean conditions (every σ = 0), its FID, and the held-out glyphs resampled from all their latents through it
     "recon": dict(QUICK, clip_of="quick", runs_of="quick", depths=(1, 5), oracle_keep=(4,), clean=True),
+    # the full preset's depths 1 and 3 scaled up for a GPU (DiT-S, batch 256, 3,000 steps per level: 12x the samples
+    # seen of full's, 1,000 samples per FID), with its own 1* (S+, about the GMACs of depth 3). Training and sampling
+    # take minutes on an H200; FID on the CPU (--defer-fid there, --finish where the FID weights are)
+    "gpu": dict(clip_steps=500, model="S", steps=3000, latent_steps=3000, batch=256, depths=(1, 3), n_samples=1000,
+                sample_steps=50, fid_ref=None, sigma_sweep=(), oracle_keep=(1, 2), baseline="S+", p_uncond=0.5),
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence; at 1,000
     # steps per level the samples barely followed their prompt, at 2,500 they do (README)
     "cond": dict(clip_steps=500, clip_of="full", model="XS", steps=2500, latent_steps=2500, batch=64, depths=(1, 3),
@@ -140,10 +148,14 @@ def main(args):
     if args.depths and (min(args.depths) != 1 or max(args.depths) > 5):
         raise data.UsageError(f"--depths takes depths from 1 to 5, including 1 (the ratios divide by depth 1); "
                               f"got {data.as_typed(args.depths)}")
+    if args.defer_fid and (args.finish or cfg.get("conds")):
+        raise data.UsageError("--defer-fid is for an unconditional preset's sampling run; --finish then scores it")
     data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
     data.check_range("--min-crop", args.min_crop, 1)
     resolve_encoder(args, cfg)
     out, runs = folders(args, cfg)
+    if args.finish:
+        return finish(args, cfg, out)
     args.precision = ("bf16" if native_bf16(args.device) else "fp32") if args.precision == "auto" else args.precision
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.time()
@@ -187,36 +199,81 @@ def main(args):
     reused = sorted(p.parent.name for p, mtime in before.items() if p.stat().st_mtime == mtime)
     timings["train"] = time.time() - t
 
-    t = step("sampling and FID")
-    ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
-                                 device=args.device)
-    sample_fid = lambda depth, sigmas, w, grids, model=cfg["model"], extra=(): fid_of(  # noqa: E731
-        runs, depth, sigmas, w, cfg, grids, ref, args, model, extra)
-    fids, npzs = {}, {}  # (depth, σ_L … σ_2, guidance weight) -> FID, .npz of its samples
+    t = step("sampling")
+    samples = sample_all(args, cfg, runs, out)
+    timings["sample"] = time.time() - t
+    state = {"precision": args.precision, "n_train": len(train_set), "n_test": len(test_set), "knn": knn, "kept": kept, "reused": reused,
+             "timings": timings, "wall_s": time.time() - started, "samples": samples}
+    if args.defer_fid:  # what ran where, for results.md
+        state |= {"command": command_line(args), "machine": evaluate.machine(args.device)}
+        (out / PENDING).write_text(json.dumps(state, indent=1))
+        print(f"\nsamples written, FID deferred: {out / PENDING} lists them; score them (on any machine, with the "
+              f"samples at the same paths) with\n  {command_line(args).replace(' --defer-fid', '')} --finish")
+        return
+    score(args, cfg, out, state, test_set)
+
+
+def sample_all(args, cfg, runs, out):
+    """Every model's samples (sample.py, DPM-Solver++), as .npz paths: {"fid": [(depth, σ_L … σ_2, guidance w,
+    npz)], "baseline": Table 6's 1* or None, "oracle": [(σ_L … σ_2, top levels kept, npz)]}. The oracle is the
+    deepest model given the top latents of held-out glyphs; with all of them (keep = L - 1) the paired pixel error
+    to the glyphs says how much the image level takes from its conditions."""
+    draw = lambda depth, sigmas, w, grids, model=cfg["model"], extra=(): str(  # noqa: E731
+        draw_samples(runs, depth, sigmas, w, cfg, grids, args, model, extra))
+    fid = []
     for depth, sigmas in models(cfg):
         default = sigmas == default_sigmas(depth)
         for w in (0.0, CFG) if cfg.get("guided", True) and depth > 1 and default else (0.0,):
             name = f"sigma{'-'.join(f'{s:g}' for s in sigmas)}-w{w:g}"
             grids = out if w == 0 and default else runs / "samples" / name  # the README's grids go to out
-            key = depth, tuple(sigmas), w
-            fids[key], npzs[key] = sample_fid(depth, sigmas, w, grids)
-            print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[key]:.2f}")
-    baseline = sample_fid(1, [], 0.0, runs / "samples" / "baseline", cfg["baseline"])[0] if cfg.get("baseline") else None
-    # the oracle: the deepest model given the top latents of held-out glyphs; with all of them (keep = L - 1)
-    # the paired pixel error to the glyphs says how much the image level takes from its conditions
-    depth = max(cfg["depths"])
-    refs = reference_images(test_set, cfg["n_samples"])
-    unconditional = evaluate.paired_mse(np.load(npzs[1, (), 0.0])["arr_0"], refs)
-    oracle = {}  # (σ_L … σ_2, top levels kept) -> (FID, paired MSE)
+            fid.append((depth, sigmas, w, draw(depth, sigmas, w, grids)))
+    baseline = draw(1, [], 0.0, runs / "samples" / "baseline", cfg["baseline"]) if cfg.get("baseline") else None
+    depth, oracle = max(cfg["depths"]), []
     for sigmas in [default_sigmas(depth)] + ([clean_sigmas(depth)] if cfg.get("clean") else []):
         for keep in cfg.get("oracle_keep", ()) if sigmas == default_sigmas(depth) else [depth - 1]:
-            fid, npz = sample_fid(depth, sigmas, 0.0, out / f"oracle-{'-'.join(map(str, sigmas))}",
-                                  extra=["--reference", "data:glyphs:test", "--keep", str(keep)])
-            oracle[tuple(sigmas), keep] = fid, evaluate.paired_mse(np.load(npz)["arr_0"], refs)
-    timings["sample+fid"] = time.time() - t
+            oracle.append((sigmas, keep, draw(depth, sigmas, 0.0, out / f"oracle-{'-'.join(map(str, sigmas))}",
+                                              extra=["--reference", "data:glyphs:test", "--keep", str(keep)])))
+    return {"fid": fid, "baseline": baseline, "oracle": oracle}
 
-    write_results(out, args, cfg, len(train_set), len(test_set), knn, kept, fids, oracle, reused, timings,
-                  time.time() - started, baseline, unconditional)
+
+def score(args, cfg, out, state, test_set):
+    """FID of every sample set of ``state["samples"]`` against the held-out glyphs, the oracle's paired pixel
+    error, and the results files."""
+    t = step("FID")
+    ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
+                                 device=args.device)
+    fid_of = lambda npz: evaluate.frechet_distance(*evaluate.feature_stats(  # noqa: E731
+        evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)), *ref)
+    samples, fids = state["samples"], {}  # (depth, σ_L … σ_2, guidance weight) -> FID
+    for depth, sigmas, w, npz in samples["fid"]:
+        fids[depth, tuple(sigmas), w] = fid_of(npz)
+        print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[depth, tuple(sigmas), w]:.2f}")
+    baseline = fid_of(samples["baseline"]) if samples["baseline"] else None
+    refs = reference_images(test_set, cfg["n_samples"])
+    mse = lambda npz: evaluate.paired_mse(np.load(npz)["arr_0"], refs)  # noqa: E731
+    unconditional = mse(next(npz for depth, _, w, npz in samples["fid"] if depth == 1 and w == 0))
+    oracle = {(tuple(sigmas), keep): (fid_of(npz), mse(npz)) for sigmas, keep, npz in samples["oracle"]}
+    timings = state["timings"] | {"fid": time.time() - t}
+    write_results(out, args, cfg, state["n_train"], state["n_test"], state["knn"], state["kept"], fids, oracle,
+                  state["reused"], timings, state["wall_s"] + timings["fid"], baseline, unconditional,
+                  command=state.get("command"), machine=state.get("machine"))
+
+
+def finish(args, cfg, out):
+    """--finish: the FID step of a --defer-fid run (its samples brought to this machine), then the results files."""
+    pending = out / PENDING
+    if not pending.exists():
+        raise data.UsageError(f"--finish scores the samples of a --defer-fid run with the same flags; {pending} not found")
+    state = json.loads(pending.read_text())
+    s = state["samples"]
+    missing = [npz for npz in [f[-1] for f in s["fid"]] + [s["baseline"]] + [o[-1] for o in s["oracle"]]
+               if npz and not Path(npz).exists()]
+    if missing:
+        raise data.UsageError(f"--finish: {len(missing)} sample files of {pending} not found, e.g. {missing[0]}")
+    args.precision = state["precision"]
+    test_set = data.build_dataset("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir)
+    state["machine"] += f"; FID afterwards (--finish) on {evaluate.machine(args.device)}"
+    score(args, cfg, out, state, test_set)
 
 
 def folders(args, cfg):
@@ -270,38 +327,38 @@ def training_plan(cfg):
             for level in (range(depth, 0, -1) if sigmas in (default_sigmas(depth), clean_sigmas(depth)) else [1])]
 
 
-def fid_of(runs, depth, sigmas, w, cfg, out, ref, args, model, extra=()):
-    """(FID against ``ref``, the .npz) of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance w)."""
-    npz = sample.main(sample.get_parser().parse_args([
+def draw_samples(runs, depth, sigmas, w, cfg, out, args, model, extra=()):
+    """The .npz of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance w)."""
+    return sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
         "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction,
         "--precision", args.precision] + (["--sigma", *map(str, sigmas)] if sigmas else [])
         + list(extra)))
-    feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
-    return evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref), npz
 
 
 def given_flags(args):
     """The flags given another value than their default, before main fills in those that depend on the preset
     (the device is named beside the command, with the machine)."""
     parser = get_parser()
-    return [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in ("preset", "device")]
+    return [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in ("preset", "device", "finish")]
 
 
 def command_line(args):
     """The reproduce.py command of this run: the preset and every flag of ``args.given`` (given_flags)."""
-    return " ".join(["python reproduce.py --preset", args.preset]
-                    + [f"--{k.replace('_', '-')} {data.as_typed(getattr(args, k))}" for k in args.given])
+    flag = lambda k, v: f"--{k.replace('_', '-')}" + ("" if v is True else f" {data.as_typed(v)}")  # noqa: E731
+    return " ".join(["python reproduce.py --preset", args.preset] + [flag(k, getattr(args, k)) for k in args.given])
 
 
 def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reused, timings, total, baseline=None,
-                  unconditional=None):
-    """results.md (the tables the README quotes) and results.json from one run."""
+                  unconditional=None, command=None, machine=None):
+    """results.md (the tables the README quotes) and results.json from one run (``command`` and ``machine``: what
+    ran where, by default this command on this machine)."""
+    command, machine = command or command_line(args), machine or evaluate.machine(args.device)
     gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], "glyphs", [d], args.cond_path)) for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
-             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)}, {args.precision} — "
+             f"Command: `{command}` — machine: {machine}, {args.precision} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min)"
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Encoder: "
@@ -356,7 +413,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "encoder": args.encoder, "encoder_weights": encoder_weights(args),
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"],
-        "knn": knn, "reused": reused, "timings_s": timings, "machine": evaluate.machine(args.device)},
+        "knn": knn, "reused": reused, "timings_s": timings, "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
 
@@ -493,7 +550,8 @@ def get_parser():
                         "depths 1 and 3 with twice the image-level steps; quick-long: the same for quick at depths 1 "
                         "and 3 (seed its run folder with a copy of quick's); recon: quick's levels at depths 1 and 5 "
                         "plus depth 5 trained with every σ = 0 and its resamples of held-out glyphs (quick's run "
-                        "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence")
+                        "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence; gpu: "
+                        "full's depths 1 and 3, oracle and 1* at size S, batch 256, 3,000 steps (minutes on a GPU)")
     p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
                         "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained; not for preset cond)")
@@ -511,18 +569,18 @@ def get_parser():
                         "levels shared with a shallower model are reused (paper §4.1)")
     p.add_argument("--baseline", default=None,
                    help="also train and sample Table 6's L = 1*: one level of this denoiser size (XS+: about the "
-                        "forward GMACs of depth 3), same steps and batch as the image levels (full: XS+; others: none)")
+                        "forward GMACs of depth 3), same steps and batch as the image levels (full: XS+; gpu: S+; others: none)")
     p.add_argument("--model", choices=list(SIZES), default=None,
-                   help="denoiser size of every level instead of the preset's (every preset: XS; XS-U adds U-ViT's "
+                   help="denoiser size of every level instead of the preset's (gpu: S; every other preset: XS; XS-U adds U-ViT's "
                         "long skips and output conv)")
     p.add_argument("--p-uncond", type=float, default=None,
                    help="probability that a level's conditions are replaced by their learned nulls in training "
-                        "(train.py --p-uncond; default: the preset's, 0.5 for full, sigma and long, else the paper's 0.1: "
+                        "(train.py --p-uncond; default: the preset's, 0.5 for full, sigma, long and gpu, else the paper's 0.1: "
                         "0.5 costs depth 4 some FID at 800 steps and keeps depth 3 ahead of depth 1 at 1,600, README); "
                         "another value than the preset's trains into its own run and results folders (-p<value>)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
-                        "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500)")
+                        "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500, gpu 3000 / 3000)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
     p.add_argument("--cache-dir", default="cache", help="latent caches")
     p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>; recon: quick's; "
@@ -543,6 +601,12 @@ def get_parser():
                         "per-token states, 1.5-2x the step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device of every stage (encoder training, cache, training, sampling, FID)")
+    p.add_argument("--defer-fid", action="store_true",
+                   help="stop after sampling and list the samples in <results folder>/pending.json instead of scoring "
+                        "them (for a machine without the FID weights, e.g. a GPU box; unconditional presets)")
+    p.add_argument("--finish", action="store_true",
+                   help="score the samples a --defer-fid run listed (same flags, its sample files at the same paths) "
+                        "and write the results files; trains and samples nothing")
     return p
 
 

@@ -1,13 +1,15 @@
 """Training-step throughput of the denoiser (denoiser.py, DiT §3.2) against this machine's matmul peak.
 
 One step = forward + eps-MSE loss (paper Eq. 3) + backward + AdamW, on the image level of the paper
-layout (SD-VAE latent 4x32x32, patch 2 -> 256 tokens), fp32. Training FLOPs are counted as 3x the forward
+layout (SD-VAE latent 4x32x32, patch 2 -> 256 tokens), in fp32 or under bf16 autocast (fp32 master weights,
+as train.py --precision bf16), eager or torch.compile'd. Training FLOPs are counted as 3x the forward
 FLOPs from torch's FlopCounterMode (real FLOPs: 2 per multiply-add). Utilisation = achieved FLOP/s over the
-FLOP/s of a 2048^3 fp32 matmul (best of 5) measured right after each step, so that both see the same load
-on a shared machine; the median over the steps is reported. On a shared 2-core machine --threads 1 avoids
-OpenMP oversubscription stalls.
+FLOP/s of a square matmul in the step's precision (best of 5; --matmul, default 2048^3 on the CPU and
+8192^3 on a GPU) measured right after each step, so that both see the same load on a shared machine; the
+median over the steps is reported. On a shared 2-core machine --threads 1 avoids OpenMP oversubscription stalls.
 
     python benchmarks/bench_step.py --size S --batch 16 --steps 5 [--threads 1]
+    python benchmarks/bench_step.py --size XL --batch 256 --device cuda --precision bf16 --compile --steps 20
 """
 import argparse
 import os
@@ -29,9 +31,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_flops(device, n=2048, reps=5) -> float:
-    """Best-of-`reps` FLOP/s of an n x n x n fp32 matmul (2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_flops(device, n, dtype, reps=5) -> float:
+    """Best-of-`reps` FLOP/s of an n x n x n matmul in ``dtype`` (2 n^3 FLOPs)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(reps):
@@ -44,9 +46,11 @@ def matmul_flops(device, n=2048, reps=5) -> float:
 
 
 def main(args):
-    if args.batch < 1 or args.steps < 1:
-        raise UsageError("--batch and --steps must be >= 1")
+    if args.batch < 1 or args.steps < 1 or args.matmul < 0:
+        raise UsageError("--batch and --steps must be >= 1, --matmul >= 0")
     device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    n = args.matmul or (8192 if device.type == "cuda" else 2048)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -56,9 +60,11 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99),
                             fused=device.type in ("cpu", "cuda"))
     x0 = torch.randn(args.batch, *shape, device=device)
+    net = torch.compile(model) if args.compile else model
 
-    def step():
-        loss = diffusion.loss(model, x0)
+    def step(fn=net):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = diffusion.loss(fn, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,7 +74,7 @@ def main(args):
             model(x0, torch.zeros(args.batch, dtype=torch.long, device=device))
     fwd_flops = counter.get_total_flops()
     with flop_counter() as counter:
-        step()
+        step(model)  # eager: the counter sees every op
     counted_step_flops = counter.get_total_flops()
     for _ in range(args.warmup):
         step()
@@ -79,16 +85,17 @@ def main(args):
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-        peaks.append(matmul_flops(device))
+        peaks.append(matmul_flops(device, n, dtype))
     ratios = sorted(3 * fwd_flops / t / p for t, p in zip(times, peaks))
     sec, peak = min(times), max(peaks)
     print(f"machine: {machine(device)}")
-    print(f"model: size {args.size}, {count_params(model) / 1e6:.2f}M params, 256 tokens, batch {args.batch}, fp32")
+    print(f"model: size {args.size}, {count_params(model) / 1e6:.2f}M params, 256 tokens, batch {args.batch}, "
+          f"{args.precision}{', compiled' if args.compile else ', eager'}")
     print(f"forward: {fwd_flops / args.batch / 2e9:.3f} GMACs/sample; training FLOPs = 3 x forward = "
           f"{3 * fwd_flops / 1e9:.1f} GFLOP/step (counted fwd+bwd: {counted_step_flops / 1e9:.1f})")
     print(f"step: best {sec * 1e3:.1f} ms, mean {sum(times) / len(times) * 1e3:.1f} ms over {args.steps} "
           f"({args.batch / sec:.1f} samples/s)")
-    print(f"achieved {3 * fwd_flops / sec / 1e9:.1f} GFLOP/s (best step) | fp32 matmul 2048^3 {peak / 1e9:.1f} "
+    print(f"achieved {3 * fwd_flops / sec / 1e9:.1f} GFLOP/s (best step) | {args.precision} matmul {n}^3 {peak / 1e9:.1f} "
           f"GFLOP/s (best) | utilisation {100 * ratios[len(ratios) // 2]:.1f}% (median over step/matmul pairs; "
           f"range {100 * ratios[0]:.1f}-{100 * ratios[-1]:.1f}%; target >= 40%)")
 
@@ -100,6 +107,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed training steps, each paired with a matmul timing")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps before timing")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 autocast "
+                   "(train.py --precision); the matmul it is compared with runs in the same precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (train.py --compile)")
+    p.add_argument("--matmul", type=int, default=0, help="side n of the n^3 matmul (0: 2048 on the CPU, 8192 on a GPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default, all cores)")
     return p.parse_args(argv)
 

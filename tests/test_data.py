@@ -59,6 +59,21 @@ def test_glyph_cache_is_byte_identical_and_reused(glyph_dir, tmp_path):
     assert json.loads((tmp_path / "glyphs-16.json").read_text())["params"]["format"] == data.GLYPH_FORMAT
 
 
+def test_a_copied_glyph_cache_serves_where_the_font_and_unihan_are_missing(glyph_dir, tmp_path):
+    """A GPU box with the data folder but not the font or Unihan packages reads the copy; without one it stops."""
+    for suffix in (".npy", ".json"):
+        (tmp_path / f"glyphs-16{suffix}").write_bytes((glyph_dir / f"glyphs-16{suffix}").read_bytes())
+    for missing in ({"font": str(tmp_path / "missing.otf")}, {"unihan": str(tmp_path / "missing")}):
+        assert data.build_glyph_cache(tmp_path, 16, quiet=True, **missing) == tmp_path / "glyphs-16.npy"
+    assert data.build_dataset("glyphs", "test", 16, data_dir=tmp_path).chars == \
+        data.build_dataset("glyphs", "test", 16, data_dir=glyph_dir).chars
+    meta = json.loads((tmp_path / "glyphs-16.json").read_text())
+    meta["params"]["format"] = -1  # an older format is not used blind
+    (tmp_path / "glyphs-16.json").write_text(json.dumps(meta))
+    with pytest.raises(data.UsageError, match="--font"):
+        data.build_glyph_cache(tmp_path, 16, font=str(tmp_path / "missing.otf"))
+
+
 def test_glyph_rendering_is_centred(glyph_dir):
     d = data.build_dataset("glyphs", "train", 16, data_dir=glyph_dir)
     ink = (255 - d.images.astype(np.float64)).sum(0)  # average ink over all glyphs, (H, W)

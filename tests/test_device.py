@@ -15,6 +15,7 @@ import torch
 import encoder
 import train_encoder
 import reproduce
+import sample
 import train
 from test_train import argv, workspace  # noqa: F401  (the fixture: a folder dataset and its latent cache)
 
@@ -88,6 +89,30 @@ def test_training_follows_device(workspace, monkeypatch):  # noqa: F811
         lambda: train.train(argv(workspace, 1, 3, "--steps", 3, "--device", "meta", run="meta")))
     assert devices == {"meta"}
     assert not list((workspace / "meta").glob("*/ckpt.pt"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (README, Devices: run where one is at hand)")
+def test_every_stage_stays_on_cuda(workspace, tmp_path, monkeypatch):  # noqa: F811
+    """On a GPU, the real stages with --device cuda: encoder training, KNN, a fresh latent cache, the three levels
+    of depth 3 and cascaded sampling; every module forward saw CUDA parameters and inputs, none the CPU."""
+    encoder.register_model_config("tiny-device-clip", TINY)
+    monkeypatch.setattr(train_encoder.data, "build_dataset", lambda *a, **kw: Captioned())
+    clip = argparse.Namespace(clip="tiny-device-clip", data="glyphs", data_dir=str(tmp_path), image_size=32, steps=2,
+                              minutes=0, batch_size=4, lr=1e-3, weight_decay=0.1, seed=0, out=str(tmp_path / "w.pt"),
+                              device="cuda", precision="bf16")
+    cuda = ["--device", "cuda", "--cache-dir", str(tmp_path / "cache"), "--steps", 2]
+    with forward_devices() as seen:
+        train_encoder.train_clip(clip)
+        monkeypatch.undo()  # the folder dataset's cache from here on
+        feats = encoder.Encoder("tiny-device-clip", None, "cuda").embed(torch.rand(6, 1, 32, 32, device="cuda"))
+        encoder.knn_accuracy(feats, torch.tensor([0, 1] * 3), feats, torch.tensor([0, 1] * 3), k=2, device="cuda")
+        for level in (3, 2, 1):
+            train.train(argv(workspace, level, 3, *cuda, run="cuda"))
+        npz = sample.main(sample.get_parser().parse_args(
+            ["--depth", "3", "--run-dir", str(workspace / "cuda"), "--n", "4", "--batch", "4", "--steps", "2",
+             "--device", "cuda", "--out", str(tmp_path / "out"), "--overwrite"]))
+    assert set(seen) == {"cuda"}
+    assert np.load(npz)["arr_0"].shape == (4, 16, 16, 3) and (tmp_path / "w.pt").exists()
 
 
 def test_reproduce_hands_the_device_to_every_stage(tmp_path, monkeypatch):

@@ -282,3 +282,74 @@ def test_p_uncond_and_model_reach_train_and_another_p_uncond_gets_its_own_folder
                                                                         Path("runs/reproduce-quick-crop8-p0.5"))
     reproduce.train_level(crops, reproduce.preset_config(crops), Path("runs"), 3, 1, [0.0, 0.5], "XS")
     assert seen[2].min_crop == 8
+
+
+def test_defer_fid_lists_the_samples_and_finish_scores_them_into_the_same_results(tmp_path, monkeypatch):
+    """--defer-fid (a GPU box without the FID weights) samples every model and stops before any FID; --finish (same
+    flags, elsewhere) scores exactly those files and writes the results files that one run would have written."""
+    import numpy as np
+    calls = {"fid": [], "sampled": []}
+
+    class Hier:
+        root = tmp_path / "c"
+
+        def levels(self, depth, patch):
+            return []
+
+    def fake_sample(args):
+        npz = Path(args.out) / f"d{args.depth}-w{args.cfg}-{args.model}-{len(args.reference or '')}{args.keep}.npz"
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(npz, arr_0=np.full((4, 32, 32, 3), 10 * len(calls["sampled"]), np.uint8))
+        calls["sampled"].append(npz)
+        return npz
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reproduce.data, "build_dataset", lambda *a, **kw: [0, 1])
+    monkeypatch.setattr(reproduce.train_encoder, "main", lambda a: [("trained", 0.5, 0.7)])
+    monkeypatch.setattr(reproduce.H, "build_cache", lambda a: Hier())
+    monkeypatch.setattr(reproduce.train, "train", lambda a: None)
+    monkeypatch.setattr(reproduce.sample, "main", fake_sample)
+    monkeypatch.setattr(reproduce, "reference_images", lambda test_set, n: np.zeros((4, 32, 32, 3), np.uint8))
+    monkeypatch.setattr(reproduce.evaluate, "dataset_stats", lambda *a, **kw: (0, 0))
+    monkeypatch.setattr(reproduce.evaluate, "inception_features",
+                        lambda images, device, **kw: calls["fid"].append(int(images[0, 0, 0, 0])) or images)
+    monkeypatch.setattr(reproduce.evaluate, "feature_stats", lambda feats: (float(feats[0, 0, 0, 0]),))
+    monkeypatch.setattr(reproduce.evaluate, "frechet_distance", lambda mu, mu_ref, sigma_ref: 100.0 + mu)
+    (tmp_path / "clip.pt").touch()
+    argv = ["--preset", "gpu", "--device", "cpu", "--precision", "bf16", "--clip", str(tmp_path / "clip.pt")]
+    reproduce.main(reproduce.get_parser().parse_args(argv + ["--defer-fid"]))
+    out = tmp_path / "results" / "gpu"
+    assert calls["fid"] == [] and not (out / "results.md").exists()           # no FID on the sampling machine
+    pending = json.loads((out / "pending.json").read_text())
+    assert [tuple(f[:3]) for f in pending["samples"]["fid"]] == [(1, [], 0.0), (3, [0.0, 0.5], 0.0),
+                                                                (3, [0.0, 0.5], reproduce.CFG)]
+    assert pending["samples"]["baseline"] and [o[:2] for o in pending["samples"]["oracle"]] == [[[0.0, 0.5], 1],
+                                                                                              [[0.0, 0.5], 2]]
+    assert len(calls["sampled"]) == 6 and "S+" in pending["samples"]["baseline"]
+
+    reproduce.main(reproduce.get_parser().parse_args(argv + ["--finish"]))
+    assert calls["fid"] == [0, 10, 20, 30, 40, 50] and len(calls["sampled"]) == 6  # each file scored once, none redrawn
+    saved = json.loads((out / "results.json").read_text())
+    assert {(r["depth"], r["cfg"]): r["fid"] for r in saved["fid"]} == {(1, 0.0): 100.0, (3, 0.0): 110.0,
+                                                                       (3, reproduce.CFG): 120.0}
+    assert saved["baseline_1star"] == 130.0 and [o["fid"] for o in saved["oracle"]] == [140.0, 150.0]
+    assert saved["ratios"] == {"depth3/depth1": 1.1, "depth3/1*": 110.0 / 130.0}
+    assert "; FID afterwards (--finish) on " in saved["machine"] and "sample" in saved["timings_s"]
+    lines = (out / "results.md").read_text().splitlines()
+    assert "Command: `python reproduce.py --preset gpu --clip " in lines[2] and "--defer-fid` — machine:" in lines[2]
+    assert "| 1* (S+) |" in "\n".join(lines)
+
+    (calls["sampled"][2]).unlink()
+    with pytest.raises(data.UsageError, match="1 sample files of .* not found"):
+        reproduce.main(reproduce.get_parser().parse_args(argv + ["--finish"]))
+    with pytest.raises(data.UsageError, match="pending.json not found"):
+        reproduce.main(reproduce.get_parser().parse_args(argv + ["--finish", "--out", str(tmp_path / "elsewhere")]))
+    with pytest.raises(data.UsageError, match="--defer-fid is for an unconditional preset"):
+        reproduce.main(reproduce.get_parser().parse_args(["--preset", "cond", "--defer-fid", "--device", "cpu"]))
+
+
+def test_each_one_star_baseline_costs_about_its_hierarchy():
+    """Table 6's 1*: XS+ (full) and S+ (gpu) do about the forward GMACs of depth 3 of their size (within 5 %)."""
+    cost = lambda size, depth: sum(g for *_, g in reproduce.evaluate.cost_table(size, "glyphs", [depth]))  # noqa: E731
+    for preset in ("full", "gpu"):
+        cfg = reproduce.PRESETS[preset]
+        assert abs(cost(cfg["baseline"], 1) / cost(cfg["model"], max(cfg["depths"])) - 1) < 0.05
