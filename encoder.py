@@ -4,13 +4,14 @@ Paper §3.3 (z_l = E(C(x, M)), M = 2^(L-l) in the experiments, §4.1) and shared
 - each of the M*M crops of size H/M is encoded separately (the pooled image embedding);
 - when a crop would be smaller than 64 px, the backbone's patch-token map (after the final norm) is average-pooled to
   M x M instead.
-Two encoders, as in the paper (§2.1 table):
+Two encoders, as in the paper (§2.1 table), and an ablation's stand-in:
 - `Encoder`: any open_clip model, the paper's COCO encoder (CLIP ViT-B/16: `Encoder("ViT-B-16", "laion2b_s34b_b88k")`,
   needs internet); embedding = CLIP's `encode_image`, token map projected into the joint space. It has a text tower.
 - `MoCoV3Encoder`: a timm ViT loaded from a MoCo-v3 checkpoint (Chen, Xie, He 2021; the official `vit-b-300ep.pth.tar`
   or one written by train_encoder.py), the paper's ImageNet encoder; ImageNet mean/std, embedding = the [CLS] token
   after the final norm (768-d for ViT-B/16), token map = the patch tokens after the final norm.
-Offline, no pretrained weights can be downloaded: train_encoder.py trains either kind on local images.
+- `PixelEncoder`: no network, each crop's pixels as a 16 x 16 thumbnail (the README's encoder ablation).
+Offline, no pretrained weights can be downloaded: train_encoder.py trains either network on local images.
 """
 import json
 import logging
@@ -323,6 +324,27 @@ class MoCoV3Encoder(FrozenEncoder):
 
     def _embed_and_tokens(self, xb):
         return self.model.forward_features(xb)  # (b, 1 + grid*grid, D): [CLS] and patch tokens after the final norm
+
+
+class PixelEncoder(FrozenEncoder):
+    """No network (an ablation, not the paper's): a crop's features are its own pixels as a greyscale ``side`` x
+    ``side`` thumbnail, D = side². Every level is encoded from its crops, however small (C(x, M) of §3.3 with no
+    minimum), so z_1x1 is the PCA of the whole image's thumbnail and z_MxM that of each cell's. It asks whether the
+    glyph CLIP limits the hierarchy: raw pixels find a glyph's radical better than its features do (KNN, README)."""
+
+    def __init__(self, device="cpu", batch_size=256, side=16):
+        super().__init__((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), device, batch_size)  # preprocess then gives [-1, 1] back
+        self.dim, self.image_size, self.grid = side * side, side, 1
+
+    def _embed(self, xb):
+        return xb.mean(1).flatten(1)  # (b, side²): grey
+
+    def _embed_and_tokens(self, xb):
+        e = self._embed(xb)[:, None]  # (b, 1, D)
+        return torch.cat([e, e], 1)   # the embedding and a 1x1 token map
+
+    def features(self, x, grids, min_crop=64):
+        return super().features(x, grids, min_crop=1)  # always the crops: pixels cost nothing to encode
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
-from encoder import Encoder, MoCoV3Encoder, WeightsUnavailable
+from encoder import Encoder, MoCoV3Encoder, PixelEncoder, WeightsUnavailable
 from denoiser import token_patch
 
 MIN_CROP = 64              # paper §4.1: a grid cell of at least 64 px is encoded from its own crop
@@ -131,10 +131,12 @@ class Reduction:
 
     def __call__(self, f):
         f = torch.as_tensor(f, dtype=torch.float32).movedim(1, -1)                     # (B, M, M, D)
-        return ((f - self.mean) @ self.basis / self.scale).movedim(-1, 1)              # (B, k, M, M)
+        mean, basis = self.mean.to(f.device), self.basis.to(f.device)                  # on the features' device
+        return ((f - mean) @ basis / self.scale).movedim(-1, 1)                        # (B, k, M, M)
 
     def inverse(self, z):
-        return (z.movedim(1, -1) * self.scale @ self.basis.T + self.mean).movedim(-1, 1)  # (B, D, M, M)
+        mean, basis = self.mean.to(z.device), self.basis.to(z.device)
+        return (z.movedim(1, -1) * self.scale @ basis.T + mean).movedim(-1, 1)         # (B, D, M, M)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ def make_encoder(args, device=None):
     """The frozen encoder named by --encoder/--clip/--pretrained; "random" gives seeded untrained weights (ablations,
     tests). Offline, a hub tag that cannot be downloaded ends in one line naming the command that trains an encoder."""
     device = device or args.device
+    if args.encoder == "pixels":
+        return PixelEncoder(device)
     make = (lambda w: MoCoV3Encoder(w, device)) if args.encoder == "mocov3" else (lambda w: Encoder(args.clip, w, device))
     if args.pretrained != "random":
         try:
@@ -560,9 +564,10 @@ def add_hierarchy_args(p):
     p.add_argument("--data-path", default=None, help="root of imagenet (train/, val/) or coco (train2014/, annotations/)")
     p.add_argument("--data-dir", default="data", help="where the glyph dataset cache lives")
     p.add_argument("--image-size", type=int, default=None, help="image size in pixels (default: 32 for glyphs, else 256)")
-    p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
+    p.add_argument("--encoder", choices=("clip", "mocov3", "pixels"), default="clip",
                    help="frozen encoder: an open_clip model (--clip), or a MoCo-v3 ViT (--pretrained FILE: the official "
-                        "vit-b-300ep.pth.tar or train_encoder.py's output)")
+                        "vit-b-300ep.pth.tar or train_encoder.py's output); pixels: no network, each crop's 16x16 "
+                        "thumbnail (an ablation; every level from its crops, --min-crop ignored)")
     p.add_argument("--clip", default=None, help="open_clip model name (default: glyph-clip for glyphs, else ViT-B-16)")
     p.add_argument("--pretrained", default=None,
                    help="encoder weights: an open_clip tag (needs internet), a local file, or random (default for clip: "
@@ -597,6 +602,8 @@ def resolve_defaults(args):
     args.image_size = args.image_size or (32 if glyphs else 256)
     args.clip = args.clip or ("glyph-clip" if glyphs else "ViT-B-16")
     args.image_space = args.image_space or ("pixels" if glyphs else "sd-vae")
+    if args.encoder == "pixels":  # no weights
+        args.pretrained = "none"
     if args.encoder == "mocov3" and args.pretrained is None:
         raise data.UsageError(f"--encoder mocov3 needs --pretrained FILE (the official vit-b-300ep.pth.tar, or train one "
                               f"with: {train_encoder_command(args.data)})")

@@ -68,8 +68,8 @@ PRESETS = {
     # clean conditions (every σ = 0), its FID, and the held-out glyphs resampled from all their latents through it
     "recon": dict(QUICK, clip_of="quick", runs_of="quick", depths=(1, 5), oracle_keep=(4,), clean=True),
     # the full preset's depths 1 and 3 scaled up for a GPU (DiT-S, batch 256, 3,000 steps per level: 12x the samples
-    # seen of full's, 1,000 samples per FID), with its own 1* (S+, about the GMACs of depth 3). Training and sampling
-    # take minutes on an H200; FID on the CPU (--defer-fid there, --finish where the FID weights are)
+    # seen of full's, 1,000 samples per FID), with its own 1* (S+, about the GMACs of depth 3). Training takes about
+    # 12 minutes on an H200 (S levels at 21-27 steps/s there); FID on the CPU (--defer-fid there, --finish elsewhere)
     "gpu": dict(clip_steps=500, model="S", steps=3000, latent_steps=3000, batch=256, depths=(1, 3), n_samples=1000,
                 sample_steps=50, fid_ref=None, sigma_sweep=(), oracle_keep=(1, 2), baseline="S+", p_uncond=0.5),
     # class- and text-conditional models (paper §4: per-mode σ and guidance), FID and prompt adherence; at 1,000
@@ -83,7 +83,7 @@ PRESETS = {
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
-ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT"}
+ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT", "pixels": "pixel thumbnails"}
 # train_encoder.py's MoCo-v3 flags for the glyph ViT on 2 CPU cores (README: MoCo-v3 encoder on glyphs, Your own images)
 MOCOV3_RECIPE = "--steps 1000 --batch-size 128 --mlp-dim 1024 --lr 1e-3 --crop-min 0.85"
 
@@ -119,9 +119,14 @@ def resolve_encoder(args, cfg):
         args.clip = args.clip or f"checkpoints/glyph-clip-{cfg.get('clip_of', args.preset)}.pt"
         return
     if args.clip is not None:
-        raise data.UsageError("--clip is the glyph CLIP's weights; the MoCo-v3 encoder's are --pretrained")
+        raise data.UsageError(f"--clip is the glyph CLIP's weights; --encoder {args.encoder} takes none of them")
     if "text" in cfg.get("conds", ()):
         raise data.UsageError(f"--preset {args.preset} needs --encoder clip: its text mode reads the CLIP's text tower")
+    if args.encoder == "pixels":
+        if args.pretrained is not None:
+            raise data.UsageError("--encoder pixels has no weights; drop --pretrained")
+        args.pretrained = "none"
+        return
     args.pretrained = args.pretrained or H.trained_encoder_path("glyphs")
     if not Path(args.pretrained).exists():
         raise data.UsageError(f"MoCo-v3 weights {args.pretrained} not found; train them with python train_encoder.py "
@@ -184,11 +189,13 @@ def main(args):
     if cfg.get("conds"):  # its results carry no KNN row
         return conditional(args, cfg, out, runs, timings, started)
 
-    # the trained row reads the cache's embeddings; the random row its own cache
-    t = step(f"{ENCODER_NAMES[args.encoder]}: KNN report")
-    knn = train_encoder.main(encoder_argv + ["--knn", "--pretrained", encoder_weights(args),
-                                             "--latent-cache", str(hier.root), "--cache-dir", args.cache_dir])
-    timings["knn"] = time.time() - t
+    # the trained row reads the cache's embeddings; the random row its own cache (pixels: nothing trained, no report)
+    knn = []
+    if args.encoder != "pixels":
+        t = step(f"{ENCODER_NAMES[args.encoder]}: KNN report")
+        knn = train_encoder.main(encoder_argv + ["--knn", "--pretrained", encoder_weights(args),
+                                                 "--latent-cache", str(hier.root), "--cache-dir", args.cache_dir])
+        timings["knn"] = time.time() - t
 
     t = step("training")
     before = {p: p.stat().st_mtime for p in runs.glob("*/ckpt.pt")}
@@ -400,9 +407,10 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
                   "| σ_L … σ_2 trained with | top levels kept | FID ↓ | paired MSE ↓ |", "|---|---|---|---|"]
         lines += [f"| {', '.join(f'{s:g}' for s in sig)} | {', '.join(f'z_{depth - i}' for i in range(keep))} | "
                   f"{fid:.2f} | {mse:.4f} |" for (sig, keep), (fid, mse) in oracle.items()]
-    lines += ["", f"{ENCODER_NAMES[args.encoder]}, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
-              "| weights | top-1 | top-5 |", "|---|---|---|"]
-    lines += [f"| {name} | {top1:.3f} | {top5:.3f} |" for name, top1, top5 in knn]
+    if knn:
+        lines += ["", f"{ENCODER_NAMES[args.encoder]}, KNN radical accuracy (K = 20) on the held-out glyphs:", "",
+                  "| weights | top-1 | top-5 |", "|---|---|---|"]
+        lines += [f"| {name} | {top1:.3f} | {top5:.3f} |" for name, top1, top5 in knn]
     lines += ["", "Variance kept by each level's SVD: " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()), ""]
     lines += [f"![depth {d}](depth{d}-none.png)" for d in cfg["depths"]]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -552,9 +560,10 @@ def get_parser():
                         "plus depth 5 trained with every σ = 0 and its resamples of held-out glyphs (quick's run "
                         "folder); cond: class- and text-conditional depths 1 and 3, FID and prompt adherence; gpu: "
                         "full's depths 1 and 3, oracle and 1* at size S, batch 256, 3,000 steps (minutes on a GPU)")
-    p.add_argument("--encoder", choices=("clip", "mocov3"), default="clip",
+    p.add_argument("--encoder", choices=list(ENCODER_NAMES), default="clip",
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
-                        "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained; not for preset cond)")
+                        "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained); pixels, no network: each grid "
+                        "cell's 16x16 thumbnail (an ablation); the last two not for preset cond")
     p.add_argument("--min-crop", type=int, default=H.MIN_CROP,
                    help="smallest crop in px that a latent grid cell is encoded from (hierarchy.py --min-crop, paper "
                         "§3.3: 64 px of 256); smaller cells pool the encoder's token map. The default never crops the "

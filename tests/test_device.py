@@ -111,8 +111,20 @@ def test_every_stage_stays_on_cuda(workspace, tmp_path, monkeypatch):  # noqa: F
         npz = sample.main(sample.get_parser().parse_args(
             ["--depth", "3", "--run-dir", str(workspace / "cuda"), "--n", "4", "--batch", "4", "--steps", "2",
              "--device", "cuda", "--out", str(tmp_path / "out"), "--overwrite"]))
+        sample.main(sample.get_parser().parse_args(  # the oracle: a real image's top latents, its SVD on the GPU too
+            ["--depth", "3", "--run-dir", str(workspace / "cuda"), "--n", "2", "--batch", "2", "--steps", "2",
+             "--device", "cuda", "--out", str(tmp_path / "ref"), "--overwrite", "--keep", "2",
+             "--reference", str(next((workspace / "imgs" / "a").glob("*.png")))]))
     assert set(seen) == {"cuda"}
     assert np.load(npz)["arr_0"].shape == (4, 16, 16, 3) and (tmp_path / "w.pt").exists()
+
+
+def test_svd_reduction_follows_its_input_device():
+    """The oracle's latents of real images are reduced where they were encoded (a GPU), both ways."""
+    import hierarchy
+    red = hierarchy.Reduction(hierarchy.fit_pca(np.random.default_rng(0).normal(size=(40, 8))), 4)
+    z = red(torch.zeros(2, 8, 1, 1, device="meta"))
+    assert z.device.type == "meta" and z.shape == (2, 4, 1, 1) and red.inverse(z).device.type == "meta"
 
 
 def test_reproduce_hands_the_device_to_every_stage(tmp_path, monkeypatch):

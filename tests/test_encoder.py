@@ -249,3 +249,18 @@ def test_pooled_caption_cache_holds_the_pooled_embeddings_apart_from_the_token_s
     torch.testing.assert_close(first, real(["water", "gold", "water"]), rtol=1e-5, atol=1e-5)
     assert torch.equal(again[0], first[1])
     assert a.caption_embeddings.keys() == {"gold", "tree", "water"} and a.caption_states == {}
+
+
+def test_pixel_encoder_levels_are_each_cells_thumbnail():
+    """z of a 16 px cell is its own pixels (grey, [-1, 1]); a larger cell is its bicubic 16x16 thumbnail, a smaller
+    one upsampled; the whole image is the 1x1 level. Every grid comes from the crops, whatever min_crop says."""
+    pix = encoder.PixelEncoder()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    grey = x.mean(1, keepdim=True)
+    f = pix.features(x, [1, 2, 4], min_crop=64)
+    assert pix.dim == 256 and {M: tuple(v.shape) for M, v in f.items()} == {1: (2, 256, 1, 1), 2: (2, 256, 2, 2),
+                                                                            4: (2, 256, 4, 4)}
+    torch.testing.assert_close(f[2][1, :, 0, 1], grey[1, 0, :16, 16:].flatten(), atol=1e-5, rtol=0)  # top right
+    thumb = F.interpolate((grey + 1) / 2, size=16, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(f[1][:, :, 0, 0], (thumb * 2 - 1).flatten(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pix.embed(x), f[1][:, :, 0, 0])

@@ -353,3 +353,30 @@ def test_each_one_star_baseline_costs_about_its_hierarchy():
     for preset in ("full", "gpu"):
         cfg = reproduce.PRESETS[preset]
         assert abs(cost(cfg["baseline"], 1) / cost(cfg["model"], max(cfg["depths"])) - 1) < 0.05
+
+
+def test_pixel_encoder_runs_no_encoder_training_or_knn_and_has_its_own_folders(tmp_path, monkeypatch):
+    calls = []
+
+    class Hier:
+        root = tmp_path / "c" / "glyphs"
+
+        def levels(self, depth, patch):
+            return []
+    monkeypatch.setattr(reproduce.data, "build_dataset", lambda *a, **kw: [0, 1])
+    monkeypatch.setattr(reproduce.train_encoder, "main", lambda argv: calls.append(("encoder", argv)))
+    monkeypatch.setattr(reproduce.H, "build_cache", lambda a: calls.append(("cache", a)) or Hier())
+    def train(a):
+        calls.append(("train", a))
+        raise _StopAfterKnn()
+    monkeypatch.setattr(reproduce.train, "train", train)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(_StopAfterKnn):
+        reproduce.main(reproduce.get_parser().parse_args(["--preset", "quick", "--encoder", "pixels", "--device", "cpu"]))
+    assert [c[0] for c in calls] == ["cache", "train"]                      # no CLIP, no KNN report
+    hargs, targs = calls[0][1], calls[1][1]
+    assert (hargs.encoder, hargs.pretrained, targs.encoder) == ("pixels", "none", "pixels")
+    assert targs.run == "runs/reproduce-quick-pixels" and (tmp_path / "results" / "quick-pixels").is_dir()
+    assert isinstance(reproduce.H.make_encoder(hargs), reproduce.H.PixelEncoder)
+    with pytest.raises(data.UsageError, match="--encoder pixels has no weights"):
+        reproduce.main(reproduce.get_parser().parse_args(["--encoder", "pixels", "--pretrained", "x.pt", "--device", "cpu"]))
