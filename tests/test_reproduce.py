@@ -133,7 +133,8 @@ def _stages(tmp_path, monkeypatch, preset, clip_exists, encoder="clip", folders=
     weights = tmp_path / f"{encoder}.pt"
     if clip_exists:
         weights.touch()
-    flags = ["--clip", str(weights)] if encoder == "clip" else ["--encoder", encoder, "--pretrained", str(weights)]
+    flags = {"clip": ["--clip", str(weights)], "pixels": ["--encoder", "pixels"]}.get(
+        encoder, ["--encoder", encoder, "--pretrained", str(weights)])
     if folders:
         flags += ["--runs", str(tmp_path / "r"), "--out", str(tmp_path / "out")]
     try:
@@ -356,23 +357,7 @@ def test_each_one_star_baseline_costs_about_its_hierarchy():
 
 
 def test_pixel_encoder_runs_no_encoder_training_or_knn_and_has_its_own_folders(tmp_path, monkeypatch):
-    calls = []
-
-    class Hier:
-        root = tmp_path / "c" / "glyphs"
-
-        def levels(self, depth, patch):
-            return []
-    monkeypatch.setattr(reproduce.data, "build_dataset", lambda *a, **kw: [0, 1])
-    monkeypatch.setattr(reproduce.train_encoder, "main", lambda argv: calls.append(("encoder", argv)))
-    monkeypatch.setattr(reproduce.H, "build_cache", lambda a: calls.append(("cache", a)) or Hier())
-    def train(a):
-        calls.append(("train", a))
-        raise _StopAfterKnn()
-    monkeypatch.setattr(reproduce.train, "train", train)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(_StopAfterKnn):
-        reproduce.main(reproduce.get_parser().parse_args(["--preset", "quick", "--encoder", "pixels", "--device", "cpu"]))
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=False, encoder="pixels", folders=False)
     assert [c[0] for c in calls] == ["cache", "train"]                      # no CLIP, no KNN report
     hargs, targs = calls[0][1], calls[1][1]
     assert (hargs.encoder, hargs.pretrained, targs.encoder) == ("pixels", "none", "pixels")
