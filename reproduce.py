@@ -209,8 +209,8 @@ def main(args):
     t = step("sampling")
     samples = sample_all(args, cfg, runs, out)
     timings["sample"] = time.time() - t
-    state = {"precision": args.precision, "n_train": len(train_set), "n_test": len(test_set), "knn": knn, "kept": kept, "reused": reused,
-             "timings": timings, "wall_s": time.time() - started, "samples": samples}
+    state = {"precision": args.precision, "n_train": len(train_set), "n_test": len(test_set), "knn": knn,
+             "kept": kept, "reused": reused, "timings": timings, "wall_s": time.time() - started, "samples": samples}
     if args.defer_fid:  # what ran where, for results.md
         state |= {"command": command_line(args), "machine": evaluate.machine(args.device)}
         (out / PENDING).write_text(json.dumps(state, indent=1))
@@ -270,7 +270,8 @@ def finish(args, cfg, out):
     """--finish: the FID step of a --defer-fid run (its samples brought to this machine), then the results files."""
     pending = out / PENDING
     if not pending.exists():
-        raise data.UsageError(f"--finish scores the samples of a --defer-fid run with the same flags; {pending} not found")
+        raise data.UsageError(f"--finish scores the samples of a --defer-fid run with the same flags; "
+                              f"{pending} not found")
     state = json.loads(pending.read_text())
     s = state["samples"]
     missing = [npz for npz in [f[-1] for f in s["fid"]] + [s["baseline"]] + [o[-1] for o in s["oracle"]]

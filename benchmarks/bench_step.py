@@ -9,7 +9,7 @@ FLOP/s of a square matmul in the step's precision (best of 5; --matmul, default 
 median over the steps is reported. On a shared 2-core machine --threads 1 avoids OpenMP oversubscription stalls.
 
     python benchmarks/bench_step.py --size S --batch 16 --steps 5 [--threads 1]
-    python benchmarks/bench_step.py --size XL --batch 256 --device cuda --precision bf16 --compile --steps 20
+    python benchmarks/bench_step.py --size XL --batch 128 --device cuda --precision bf16 --compile --steps 10 --warmup 3
 """
 import argparse
 import os
