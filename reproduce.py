@@ -249,21 +249,28 @@ def score(args, cfg, out, state, test_set):
     t = step("FID")
     ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
                                  device=args.device)
-    fid_of = lambda npz: evaluate.frechet_distance(*evaluate.feature_stats(  # noqa: E731
-        evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)), *ref)
     samples, fids = state["samples"], {}  # (depth, σ_L … σ_2, guidance weight) -> FID
+    images = {npz: np.load(npz)["arr_0"] for npz in sample_files(samples)}  # each file read once
+    fid_of = lambda npz: evaluate.frechet_distance(*evaluate.feature_stats(  # noqa: E731
+        evaluate.inception_features(images[npz], device=args.device)), *ref)
     for depth, sigmas, w, npz in samples["fid"]:
         fids[depth, tuple(sigmas), w] = fid_of(npz)
         print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[depth, tuple(sigmas), w]:.2f}")
     baseline = fid_of(samples["baseline"]) if samples["baseline"] else None
     refs = reference_images(test_set, cfg["n_samples"])
-    mse = lambda npz: evaluate.paired_mse(np.load(npz)["arr_0"], refs)  # noqa: E731
+    mse = lambda npz: evaluate.paired_mse(images[npz], refs)  # noqa: E731
     unconditional = mse(next(npz for depth, _, w, npz in samples["fid"] if depth == 1 and w == 0))
     oracle = {(tuple(sigmas), keep): (fid_of(npz), mse(npz)) for sigmas, keep, npz in samples["oracle"]}
     timings = state["timings"] | {"fid": time.time() - t}
     write_results(out, args, cfg, state["n_train"], state["n_test"], state["knn"], state["kept"], fids, oracle,
                   state["reused"], timings, state["wall_s"] + timings["fid"], baseline, unconditional,
                   command=state.get("command"), machine=state.get("machine"))
+
+
+def sample_files(samples):
+    """The .npz paths of sample_all's ``samples``, each once."""
+    paths = [f[-1] for f in samples["fid"]] + [samples["baseline"]] + [o[-1] for o in samples["oracle"]]
+    return list(dict.fromkeys(p for p in paths if p))
 
 
 def finish(args, cfg, out):
@@ -273,9 +280,7 @@ def finish(args, cfg, out):
         raise data.UsageError(f"--finish scores the samples of a --defer-fid run with the same flags; "
                               f"{pending} not found")
     state = json.loads(pending.read_text())
-    s = state["samples"]
-    missing = [npz for npz in [f[-1] for f in s["fid"]] + [s["baseline"]] + [o[-1] for o in s["oracle"]]
-               if npz and not Path(npz).exists()]
+    missing = [npz for npz in sample_files(state["samples"]) if not Path(npz).exists()]
     if missing:
         raise data.UsageError(f"--finish: {len(missing)} sample files of {pending} not found, e.g. {missing[0]}")
     args.precision = state["precision"]
