@@ -30,6 +30,7 @@ radical of the glyphs whose definition the prompt is).
     python evaluate.py adherence samples/depth3-class.npz --class 金   # share of samples with the radical 金
     python evaluate.py conditions runs/reproduce-quick/image1x32p4-given-...   # does a level use its conditions?
     python evaluate.py ink samples/depth3-none.npz data:glyphs:test   # ink share and speckle of glyph samples
+    python evaluate.py probe samples/depth1-none.npz   # FID of speckled / scrambled real glyphs beside samples
 
 Whether a trained level uses its conditions (paper §3.3, Fig. 4): its prediction of the clean target x0 at
 several timesteps, on held-out items, given their true conditions, another item's (shuffled) and the nulls.
@@ -598,6 +599,63 @@ def run_ink(args):
         print(f"{spec}: {len(value)} images, ink {ink:.4f} of pixels, isolated {isolated:.4%} of ink pixels")
 
 
+PROBES = ("real", "speckle 1%", "speckle 3%", "chimera 2x2", "tiles 4x4")  # evaluate.py probe's alterations
+
+
+def altered(images, probe, seed=0):
+    """uint8 glyphs (N, H, W) altered as ``probe`` (PROBES) says: real (as they are); speckle p (each pixel
+    inverted with probability p: the strokes kept, noise added); chimera 2x2 / tiles 4x4 (each image's quarters or
+    sixteenths, each cell from another glyph at the same place: clean strokes, no character)."""
+    rng = np.random.default_rng(seed)
+    if probe.startswith("speckle"):
+        flip = rng.random(images.shape) < float(probe.split()[1].rstrip("%")) / 100
+        return np.where(flip, 255 - images, images)
+    if probe == "real":
+        return images
+    cells = int(probe.split()[1].split("x")[0])
+    out, side = images.copy(), images.shape[1] // cells
+    for r in range(cells):
+        for c in range(cells):
+            src = rng.permutation(len(images))
+            out[:, r * side:(r + 1) * side, c * side:(c + 1) * side] = images[src, r * side:(r + 1) * side, c * side:(c + 1) * side]
+    return out
+
+
+@torch.no_grad()
+def radical_features(model, images, batch_size=512):
+    """The RadicalNet's features (its last conv stage, before the linear head) of uint8 glyphs: (N, 2048) float64."""
+    x = glyph_batch(images)
+    return torch.cat([model.features(xb).flatten(1) for xb in x.split(batch_size)]).double().numpy()
+
+
+def run_probe(args):
+    """What FID on glyphs responds to: the distance to the held-out glyphs of training glyphs as they are, with
+    speckle and with their structure scrambled, beside any samples given. Two distances: FID (Inception), and the
+    same Fréchet distance in the features of the radical classifier (a network that knows glyphs, as Inception
+    knows ImageNet's objects); with each set's isolated ink (ink_stats)."""
+    samples = [(path, *read_npz(path)) for path in args.samples]  # a bad file fails before any features
+    for path, kind, _ in samples:
+        if kind != "images":
+            raise data.UsageError(f"{path} holds statistics, not images; pass samples .npz files")
+    ds = data.build_dataset("glyphs", "train", args.image_size, data_dir=args.data_dir)
+    real = data.to_uint8(torch.stack([ds[i][0] for i in data.evenly_spaced(len(ds), args.n)]))[..., 0]  # (n, H, W)
+    ref = dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                        device=args.device)
+    net, accuracy = radical_classifier(args.data_dir, args.ckpt_dir)
+    held_out = data.build_dataset("glyphs", "test", 32, data_dir=args.data_dir).images
+    ref_radical = feature_stats(radical_features(net, held_out))
+    sets = [(probe, altered(real, probe)) for probe in PROBES] + [(path, images) for path, _, images in samples]
+    print(f"radical classifier: {accuracy:.3f} held-out accuracy; reference: the {len(held_out)} held-out glyphs")
+    print(f"{'images':<48} {'n':>5} {'FID':>8} {'FD radical':>11} {'isolated ink':>13}")
+    rows = {}
+    for name, images in sets:
+        fid = frechet_distance(*feature_stats(inception_features(images, device=args.device)), *ref)
+        fd = frechet_distance(*feature_stats(radical_features(net, images)), *ref_radical)
+        rows[name] = (fid, fd)
+        print(f"{name:<48} {len(images):>5} {fid:>8.2f} {fd:>11.2f} {ink_stats(images)[1]:>13.2%}", flush=True)
+    return rows
+
+
 def machine(device="cpu"):
     """The machine a number was measured on: GPU name, or CPU model and threads; torch version."""
     if str(device).startswith("cuda"):
@@ -674,6 +732,18 @@ def get_parser():
     i.add_argument("--max-n", type=int, default=None,
                    help="at most this many images of a data: set, spread evenly over it (default all)")
     i.set_defaults(func=run_ink)
+
+    r = sub.add_parser("probe", help="what FID on glyphs responds to: real, speckled and scrambled training glyphs "
+                                     "(and any samples) against the held-out glyphs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("samples", nargs="*", help="samples .npz files to score in the same table")
+    r.add_argument("--n", type=int, default=500, help="training glyphs per altered set, evenly spaced")
+    r.add_argument("--image-size", type=int, default=32, help="glyph resolution")
+    r.add_argument("--data-dir", default="data", help="where the glyph cache lives")
+    r.add_argument("--cache-dir", default="cache/fid", help="where the held-out statistics are cached")
+    r.add_argument("--ckpt-dir", default="checkpoints", help="where the radical classifier's weights are cached")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    r.set_defaults(func=run_probe)
 
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -156,9 +156,28 @@ def load_vae(name, device="cpu"):
                               "pass --vae a local diffusers folder or a model id reachable online") from e
 
 
-def vae_scale(data_name):
-    """SD-VAE latent scale of a dataset: 0.23010 for COCO, 0.18215 otherwise (ImageNet, folders)."""
-    return VAE_SCALES.get(data_name, VAE_SCALE)
+def vae_scale(data_name, vae=None):
+    """Latent scale of a dataset's VAE: 0.23010 for COCO (U-ViT's, with the SD-VAE), else the VAE's own
+    ``scaling_factor`` (the SD-VAE's 0.18215; autoencoder.py's glyph VAE sets its own), 0.18215 without one."""
+    return VAE_SCALES.get(data_name, vae.config.scaling_factor if vae is not None else VAE_SCALE)
+
+
+def latent_shape(vae, x0):
+    """(C, H, W) of the VAE latent of an image x0 (C, H, W): each down block but the last halves the side."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return [vae.config.latent_channels, x0.shape[1] // factor, x0.shape[2] // factor]
+
+
+def vae_input(vae, x):
+    """Images x (B, C, H, W) as the VAE takes them: greyscale repeated to RGB for the SD-VAE (3 channels in)."""
+    return x.expand(-1, vae.config.in_channels, -1, -1)
+
+
+def vae_id(name):
+    """The --vae as the cache's name holds it: a model id, or a local folder with a digest of its weights (a VAE
+    retrained into the same folder gets a new cache)."""
+    weights = sorted(Path(name).glob("*.safetensors")) + sorted(Path(name).glob("*.bin")) if Path(name).is_dir() else []
+    return name + "".join(file_digest(w) for w in weights)
 
 
 def data_tag(name):
@@ -214,7 +233,7 @@ def cache_name(args):
     meta.json keeps their digest, weights_digest)."""
     tag = data_tag(args.data)
     weights = Path(args.pretrained).stem if Path(args.pretrained).exists() else args.pretrained
-    vae = f"-vae{hashlib.sha1(args.vae.encode()).hexdigest()[:6]}" if args.image_space == "sd-vae" else ""
+    vae = f"-vae{hashlib.sha1(vae_id(args.vae).encode()).hexdigest()[:6]}" if args.image_space == "sd-vae" else ""
     name = args.clip if args.encoder == "clip" else args.encoder
     return f"{tag}-{args.image_size}px-{name}-{weights}-crop{args.min_crop}{vae}"
 
@@ -239,7 +258,7 @@ class Hierarchy:
 
     @property
     def vae_scale(self):
-        return vae_scale(self.meta["args"]["data"])
+        return self.meta.get("vae_scale") or vae_scale(self.meta["args"]["data"])  # caches before the key: SD-VAE's
 
     @property
     def remedy(self):
@@ -328,8 +347,11 @@ def weights_digest(args):
     """SHA-1 of the encoder's weights file (--pretrained), None for a hub tag or random weights. The cache's name
     holds the file's name only; its meta.json holds this, so weights retrained into the same file are noticed."""
     path = Path(args.pretrained)
-    if not path.is_file():
-        return None
+    return file_digest(path) if path.is_file() else None
+
+
+def file_digest(path):
+    """SHA-1 of a file's bytes, read in chunks."""
     digest = hashlib.sha1()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -376,11 +398,11 @@ def _extend_cache(root, args, digest, meta, todo, need_vae, encoder, vae):
         pca = fit_pca(_sample_vectors(np.load(root / f"train-{m}.npy", mmap_mode="r"), args.seed))
         data.save_npz(root / f"pca-{m}.npz", **pca)
     x0 = ds[0][0]
-    image_shape = list(x0.shape) if args.image_space == "pixels" else [4, x0.shape[1] // 8, x0.shape[2] // 8]
+    image_shape = list(x0.shape) if args.image_space == "pixels" else meta.get("image_shape") or latent_shape(vae, x0)
     meta = {"grids": sorted(set(meta.get("grids", [])) | set(todo)), "enc_dim": encoder.dim,
             "num_classes": ds.num_classes, "has_captions": ds.has_captions,
             "image_shape": image_shape, "image_space": args.image_space, "vae": bool(meta.get("vae") or need_vae),
-            "weights_sha1": digest,
+            "weights_sha1": digest, "vae_scale": vae_scale(args.data, vae) if vae is not None else meta.get("vae_scale"),
             "args": {k: getattr(args, k) for k in ("data", "image_size", "encoder", "clip", "pretrained", "min_crop", "vae")}}
     meta["files"] = {p.name: p.stat().st_size for p in sorted(root.iterdir())
                      if p.suffix in (".npy", ".npz", ".json") and p.name != "meta.json"}
@@ -433,7 +455,7 @@ def _encode_split(ds, split, root, grids, encoder, vae, args):
             if 1 in feats:  # the whole-image embedding once more in float32: what the KNN report reads
                 batch["embed"] = feats[1].flatten(1)                                            # (B, D)
             if vae is not None:
-                dist = vae.encode(x.expand(-1, 3, -1, -1)).latent_dist
+                dist = vae.encode(vae_input(vae, x)).latent_dist
                 batch["vae"] = torch.cat([dist.mean, dist.std], 1)                              # (B, 8, h, w)
             for k, v in batch.items():
                 dtype = np.float32 if k == "embed" else np.float16
@@ -548,7 +570,7 @@ def encode_image(hier, encoder, x, levels, min_crop, vae=None):
         if not lv.image:
             out.append(hier.reduction(lv)(feats[lv.grid].float()))
         elif vae is not None:
-            out.append(vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean * hier.vae_scale)
+            out.append(vae.encode(vae_input(vae, x)).latent_dist.mean * hier.vae_scale)
         else:
             out.append(x)
     return out

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import autoencoder
 import data
 import evaluate
 import hierarchy as H
@@ -82,7 +83,9 @@ PRESETS = {
 # definition of glyphs of one radical: gold 金, water 水, tree 木, fire 火, fish 魚, horse 馬)
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
-IMAGE_SIZE, IMAGE_PATCH = 32, 4  # 32 px glyphs as 8×8 = 64 tokens: what 2 CPU cores train in minutes
+IMAGE_SIZE = 32  # 32 px glyphs as 8×8 = 64 tokens (patch 4 on pixels, 1 on the glyph VAE's 8×8×4): minutes on 2 cores
+IMAGE_PATCH = {"pixels": 4, "vae": 1}  # the image level's patch per --image-space
+VAE_STEPS = 1000  # autoencoder.py's training steps for --image-space vae (about 6 min on 2 CPU cores)
 ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT", "pixels": "pixel thumbnails"}
 # train_encoder.py's MoCo-v3 flags for the glyph ViT on 2 CPU cores (README: MoCo-v3 encoder on glyphs, Your own images)
 MOCOV3_RECIPE = "--steps 1000 --batch-size 128 --mlp-dim 1024 --lr 1e-3 --crop-min 0.85"
@@ -101,7 +104,8 @@ def default_sigmas(depth, cond="none"):
 def hierarchy_argv(args):
     return ["--data", "glyphs", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
             "--cache-dir", args.cache_dir, "--encoder", args.encoder, "--pretrained", encoder_weights(args),
-            "--min-crop", str(args.min_crop), "--device", args.device]
+            "--min-crop", str(args.min_crop), "--device", args.device] \
+        + (["--image-space", "sd-vae", "--vae", args.vae] if args.image_space == "vae" else [])
 
 
 def encoder_weights(args):
@@ -158,6 +162,9 @@ def main(args):
     data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
     data.check_range("--min-crop", args.min_crop, 1)
     resolve_encoder(args, cfg)
+    if args.vae is not None and args.image_space != "vae":
+        raise data.UsageError("--vae is the glyph VAE's folder for --image-space vae")
+    args.vae = args.vae or f"checkpoints/glyph-vae-{cfg.get('clip_of', args.preset)}"
     out, runs = folders(args, cfg)
     if args.finish:
         return finish(args, cfg, out)
@@ -179,11 +186,18 @@ def main(args):
             train_encoder.main(encoder_argv + ["--train", "--skip-knn", "--steps", str(cfg["clip_steps"]),
                                                "--out", args.clip, "--precision", args.precision])
         timings["clip"] = time.time() - t
+    if args.image_space == "vae":
+        t = step("glyph VAE")
+        if not Path(args.vae).exists():
+            autoencoder.main(["--data", "glyphs", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+                              "--steps", str(VAE_STEPS), "--out", args.vae, "--device", args.device,
+                              "--precision", args.precision])
+        timings["vae"] = time.time() - t
 
     t = step("latent cache")
     hargs = H.resolve_defaults(H.get_parser().parse_args(hierarchy_argv(args) + ["--depth", str(max(cfg["depths"]))]))
     hier = H.build_cache(hargs)
-    levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH)
+    levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH[args.image_space])
     kept = {lv.name: hier.reduction(lv).kept for lv in levels if not lv.image}
     timings["cache"] = time.time() - t
     if cfg.get("conds"):  # its results carry no KNN row
@@ -292,7 +306,7 @@ def finish(args, cfg, out):
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
     smallest crop and p_uncond where they are not the preset's, so that levels trained otherwise never share a folder."""
-    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") \
+    suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.image_space == "pixels" else "-vae") \
         + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
         + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
@@ -303,7 +317,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
     """Train (or reuse) one level of a depth-``depth`` model of mode ``cond`` with condition noise ``sigmas``."""
     steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
     train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
-        "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH),
+        "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH[args.image_space]),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
@@ -375,7 +389,9 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min)"
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
              f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Encoder: "
-             f"{ENCODER_NAMES[args.encoder]} ({encoder_weights(args)}). Denoisers: size {cfg['model']}, "
+             f"{ENCODER_NAMES[args.encoder]} ({encoder_weights(args)}). Image level: "
+             + ("pixels" if args.image_space == "pixels" else f"the 8×8×4 latents of the glyph VAE {args.vae}")
+             + f". Denoisers: size {cfg['model']}, "
              f"{cfg['steps']} steps per level at batch {cfg['batch']}, conditions dropped with p_uncond "
              f"{cfg['p_uncond']:g}; DPM-Solver++(2M), {cfg['sample_steps']} steps per level. FID: {cfg['n_samples']} "
              f"samples per model against "
@@ -424,7 +440,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "fid": [{"depth": d, "sigmas": list(sig), "cfg": w, "fid": f} for (d, sig, w), f in fids.items()],
         "ratios": ratios, "baseline_1star": baseline, "unconditional_mse": unconditional,
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
-        "encoder": args.encoder, "encoder_weights": encoder_weights(args),
+        "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"],
         "knn": knn, "reused": reused, "timings_s": timings, "machine": machine},
@@ -570,6 +586,11 @@ def get_parser():
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
                         "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained); pixels, no network: each grid "
                         "cell's 16x16 thumbnail (an ablation); the last two not for preset cond")
+    p.add_argument("--image-space", choices=list(IMAGE_PATCH), default="pixels",
+                   help="the image level: pixels (patch 4), or vae: the 8x8x4 latents of a glyph VAE (autoencoder.py, "
+                        "trained when missing; the glyph analogue of the paper's SD-VAE), patch 1; own folders (-vae)")
+    p.add_argument("--vae", default=None, help="--image-space vae: the glyph VAE's diffusers folder, trained when "
+                                              "missing (default: checkpoints/glyph-vae-<preset>)")
     p.add_argument("--min-crop", type=int, default=H.MIN_CROP,
                    help="smallest crop in px that a latent grid cell is encoded from (hierarchy.py --min-crop, paper "
                         "§3.3: 64 px of 256); smaller cells pool the encoder's token map. The default never crops the "

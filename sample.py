@@ -198,7 +198,7 @@ def load_reference(spec, meta, image_size, n):
     """Reference images in [-1, 1]: an image file or glyph:CHAR, as a tensor (1, C, H, W); or data:NAME:SPLIT,
     as a Subset of ``n`` items spread evenly over that split, each resampled once (the hierarchy's oracle:
     how close the lower levels come to real images when the top levels are the images' own latents)."""
-    channels = meta["target"][0] if meta["image_space"] == "pixels" else 3
+    channels = meta["target"][0] if meta["image_space"] == "pixels" else (1 if meta.get("data") == "glyphs" else 3)
     if spec.startswith("data:"):
         name, split = data.parse_data_spec(spec)  # imagenet and coco are read from data/<name>
         ds = data.build_dataset(name, split, image_size)

@@ -407,3 +407,39 @@ def test_ink_stats_count_isolated_ink_pixels_by_hand(tmp_path, capsys):
     np.savez(tmp_path / "s.npz", img[..., None])
     evaluate.main(evaluate.get_parser().parse_args(["ink", str(tmp_path / "s.npz")]))
     assert "1 images, ink 0.1875 of pixels, isolated 33.3333% of ink pixels" in capsys.readouterr().out
+
+
+def test_probe_alterations_keep_or_move_pixels_as_described():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (400, 32, 32), dtype=np.uint8)
+    assert evaluate.altered(images, "real") is images
+    speckled = evaluate.altered(images, "speckle 3%")
+    flipped = speckled != images
+    assert abs(flipped.mean() - 0.03) < 5 * (0.03 * 0.97 / images.size) ** 0.5  # binomial, 5 standard errors
+    assert (speckled[flipped] == 255 - images[flipped]).all()
+    for probe, cells in (("chimera 2x2", 2), ("tiles 4x4", 4)):
+        out, side = evaluate.altered(images, probe), 32 // cells
+        for r in range(cells):
+            for c in range(cells):
+                cell = lambda x: x[:, r * side:(r + 1) * side, c * side:(c + 1) * side].reshape(len(x), -1)  # noqa: E731
+                sources = [int(np.flatnonzero((cell(images) == row).all(1))[0]) for row in cell(out)]
+                assert sorted(sources) == list(range(len(images)))  # each cell from some glyph, every glyph used once
+        assert (out != images).any()
+
+
+def test_probe_refuses_statistics_before_reading_any_glyph(tmp_path):
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
+    args = evaluate.get_parser().parse_args(["probe", str(tmp_path / "stats.npz"), "--data-dir", str(tmp_path / "none")])
+    with pytest.raises(data.UsageError, match="holds statistics, not images"):
+        evaluate.main(args)
+
+
+def test_radical_features_are_what_the_classifier_head_reads():
+    torch.manual_seed(0)
+    net = evaluate.RadicalNet().eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    feats = evaluate.radical_features(net, images, batch_size=2)
+    assert feats.shape == (5, 2048) and feats.dtype == np.float64
+    with torch.no_grad():
+        logits = net(evaluate.glyph_batch(images))
+        torch.testing.assert_close(net.head(torch.from_numpy(feats).float()), logits, atol=1e-5, rtol=1e-5)

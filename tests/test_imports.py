@@ -1,12 +1,12 @@
 """The house rule on imports: they run one way, data → encoder → diffusion → denoiser → hierarchy (which lays
-its levels out in the denoiser's tokens) → the scripts (train, sample, evaluate, train_encoder) → reproduce, which
+its levels out in the denoiser's tokens) → the scripts (train, sample, evaluate, train_encoder, autoencoder) → reproduce, which
 runs the scripts. No import runs upward, sideways or in a circle, and none hides inside a function."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK = {"data": 0, "encoder": 1, "diffusion": 2, "denoiser": 3, "hierarchy": 4,
-        "train": 5, "sample": 5, "evaluate": 5, "train_encoder": 5, "reproduce": 6}
+        "train": 5, "sample": 5, "evaluate": 5, "train_encoder": 5, "autoencoder": 5, "reproduce": 6}
 
 
 def project_imports(path):

@@ -107,9 +107,10 @@ class _StopAfterKnn(Exception):
     pass
 
 
-def _stages(tmp_path, monkeypatch, preset, clip_exists, encoder="clip", folders=True):
-    """The calls reproduce.main makes up to its first training run: ('encoder', argv), ('cache', hierarchy args) and
-    ('train', train args); ``folders=False`` leaves --runs and --out at their defaults (under tmp_path)."""
+def _stages(tmp_path, monkeypatch, preset, clip_exists, encoder="clip", folders=True, extra=()):
+    """The calls reproduce.main makes up to its first training run: ('encoder', argv), ('vae', argv), ('cache',
+    hierarchy args) and ('train', train args); ``folders=False`` leaves --runs and --out at their defaults (under
+    tmp_path); ``extra``: more flags."""
     calls = []
 
     class Hier:
@@ -124,6 +125,10 @@ def _stages(tmp_path, monkeypatch, preset, clip_exists, encoder="clip", folders=
             Path(argv[argv.index("--out") + 1]).touch()
         return []
     monkeypatch.setattr(reproduce.train_encoder, "main", encoder_main)
+    def vae_main(argv):
+        calls.append(("vae", argv))
+        Path(argv[argv.index("--out") + 1]).mkdir(parents=True)
+    monkeypatch.setattr(reproduce.autoencoder, "main", vae_main)
     monkeypatch.setattr(reproduce.H, "build_cache", lambda a: calls.append(("cache", a)) or Hier())
     def train(a):
         calls.append(("train", a))
@@ -140,7 +145,7 @@ def _stages(tmp_path, monkeypatch, preset, clip_exists, encoder="clip", folders=
     try:
         reproduce.main(reproduce.get_parser().parse_args(
             ["--preset", preset, "--device", "cpu", "--cache-dir", str(tmp_path / "c"), "--data-dir", str(tmp_path / "d")]
-            + flags))
+            + flags + list(extra)))
     except _StopAfterKnn:
         pass
     return calls
@@ -156,6 +161,19 @@ def test_knn_report_comes_after_the_latent_cache_and_reads_it(tmp_path, monkeypa
     assert knn_argv[knn_argv.index("--cache-dir") + 1] == str(tmp_path / "c")   # where the random row is kept
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True)          # weights present: no training
     assert [c[0] for c in calls] == ["cache", "encoder", "train"] and "--knn" in calls[1][1]
+
+
+def test_image_space_vae_trains_the_glyph_vae_once_and_every_stage_reads_its_latents(tmp_path, monkeypatch):
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False, extra=["--image-space", "vae"])
+    assert [c[0] for c in calls] == ["vae", "cache", "encoder", "train"]
+    vae_argv, hargs, targs = calls[0][1], calls[1][1], calls[3][1]
+    assert vae_argv[vae_argv.index("--out") + 1] == "checkpoints/glyph-vae-quick"
+    assert (hargs.image_space, hargs.vae) == (targs.image_space, targs.vae) == ("sd-vae", "checkpoints/glyph-vae-quick")
+    assert targs.image_patch == 1 and targs.run == "runs/reproduce-quick-vae"  # 8x8x4 latents: 64 tokens
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False, extra=["--image-space", "vae"])
+    assert [c[0] for c in calls] == ["cache", "encoder", "train"]                   # the folder exists: no retraining
+    with pytest.raises(reproduce.data.UsageError, match="--vae is the glyph VAE's folder for --image-space vae"):
+        _stages(tmp_path, monkeypatch, "quick", clip_exists=True, extra=["--vae", "v"])
 
 
 def test_cond_preset_runs_no_knn_report(tmp_path, monkeypatch):
