@@ -382,7 +382,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     """results.md (the tables the README quotes) and results.json from one run (``command`` and ``machine``: what
     ran where, by default this command on this machine)."""
     command, machine = command or command_line(args), machine or evaluate.machine(args.device)
-    gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], "glyphs", [d], args.cond_path)) for d in cfg["depths"]}
+    layout = "glyphs" if args.image_space == "pixels" else "glyphs-vae"
+    gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], layout, [d], args.cond_path)) for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
              f"Command: `{command}` — machine: {machine}, {args.precision} — "
@@ -405,7 +406,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     ratios = {f"depth{depth}/depth1": deepest / fids[1, (), 0.0]}
     if baseline is not None:  # Table 6's 1*: one level of about the deepest model's forward GMACs
         ratios[f"depth{depth}/1*"] = deepest / baseline
-        gmacs_1star = sum(g for *_, g in evaluate.cost_table(cfg["baseline"], "glyphs", [1]))
+        gmacs_1star = sum(g for *_, g in evaluate.cost_table(cfg["baseline"], layout, [1]))
         lines += [f"| 1* ({cfg['baseline']}) | {gmacs_1star:.3f} | {baseline:.2f} | — |"]
     lines += ["", "FID ratios, no guidance: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())]
     if cfg["sigma_sweep"]:

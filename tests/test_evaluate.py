@@ -323,6 +323,13 @@ def test_flops_table_matches_dit_and_paper_ratio():
     assert names == ["z1x1c256", "z2x2c128", "z4x4c64", "z8x8c32", "image4x32"]
 
 
+def test_glyph_vae_layout_differs_from_pixels_only_in_the_patch_embedding_and_head():
+    """64 tokens either way (8x8 latents at patch 1, 32 px at patch 4); a token carries 4 values instead of 16, so
+    the embedding (values -> width) and the head (width -> values) each do 12 x width fewer MACs per token."""
+    cost = lambda layout: sum(g for *_, g in evaluate.cost_table("XS", layout, [1]))  # noqa: E731
+    assert cost("glyphs") - cost("glyphs-vae") == pytest.approx(2 * 12 * 192 * 64 / 1e9, rel=1e-6)
+
+
 def toy_glyphs(n, seed):
     """An easily separable toy set of 32 px 'glyphs': class 0 a horizontal bar, 1 a vertical bar, 2 a box,
     each shifted by up to 4 px, with pixel noise. uint8 (n, 32, 32), labels (n,)."""
