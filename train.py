@@ -47,9 +47,10 @@ from diffusion import PREDICTIONS, SCHEDULES, Diffusion
 # ----------------------------------------------------------------------------------------------------
 
 def image_patch(args, hier):
-    """Patch of the image level: side / 16, so at most 16×16 = 256 tokens (the paper's 2 on 32×32 SD-VAE latents;
-    1 on the glyph VAE's 8×8)."""
-    return args.image_patch or max(1, hier.image_shape[1] // 16)
+    """Patch of the image level: the paper's 2 on SD-VAE latents; 256 tokens (H/16) for pixels."""
+    if args.image_patch:
+        return args.image_patch
+    return 2 if hier.meta["image_space"] == "sd-vae" else max(1, hier.image_shape[1] // 16)
 
 
 def level_plan(args, hier):
@@ -584,7 +585,7 @@ def get_parser():
                    help="--cond text: how the caption enters the denoiser: tokens (the paper's in-context text "
                         "tokens, the text tower's token states) or adaln (CLIP's pooled text embedding added to "
                         "the adaLN vector like a class; not in the paper; a step costs what a class step does)")
-    p.add_argument("--image-patch", type=int, default=None, help="patch of the image level (default: its side / 16, at least 1: 2 on 32x32 SD-VAE latents, 1 on the glyph VAE's 8x8)")
+    p.add_argument("--image-patch", type=int, default=None, help="patch of the image level (default: 2 for SD-VAE, H/16 for pixels)")
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ of each condition level, top-down (default: the paper's, per --cond: "
                         "none 0,0.5,0.5,1; class 0.5,0.5,1,1; text 0.5)")
