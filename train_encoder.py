@@ -354,8 +354,8 @@ PIXEL_ROW_MAX_SIZE = 64  # px: up to here the KNN report adds a row for the flat
 
 
 def knn_report(args, pretrained, after_training=False):
-    """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed) vs `pretrained`, and
-    for images of at most PIXEL_ROW_MAX_SIZE px the flattened pixels as a third row.
+    """Print KNN (K = 20) top-1/top-5 accuracy on the test split: random weights (same seed; not with
+    --no-random-row) vs `pretrained`, and for images of at most PIXEL_ROW_MAX_SIZE px the flattened pixels.
     The random row is read from <cache-dir>/knn/ when an earlier run computed it (random_row_path); the trained
     row's embeddings from --latent-cache when given. A dataset without labels is a usage error, or after
     training a note that the report is skipped."""
@@ -372,7 +372,9 @@ def knn_report(args, pretrained, after_training=False):
     path = random_row_path(args, trained, train_ds, test_ds)
     if keep is not None:  # a quick check on evenly spaced training images
         train_ds = torch.utils.data.Subset(train_ds, keep)
-    if path.exists():
+    if args.no_random_row:
+        random_row = None
+    elif path.exists():
         random_row = ("random", *json.loads(path.read_text())["top1_top5"])
         print(f"random-weights row read from {path}")
     else:
@@ -386,7 +388,7 @@ def knn_report(args, pretrained, after_training=False):
         if keep is not None:
             train_f, train_y = train_f[keep], train_y[keep]
         trained_row = ("trained", *encoder.knn_accuracy(train_f, train_y, test_f, test_y, k=20, device=args.device))
-    rows = [random_row, trained_row]
+    rows = [row for row in (random_row, trained_row) if row]
     if args.image_size <= PIXEL_ROW_MAX_SIZE:  # the images themselves: what any encoder's KNN is to be read against
         rows.append(("pixels", *knn_of(None, train_ds, test_ds, args.device)))
     name = args.clip if args.objective == "clip" else f"MoCo-v3 ViT {trained.cfg}"
@@ -481,6 +483,8 @@ def main(args):
                         "trained row reads its float32 whole-image embeddings instead of embedding the dataset again")
     p.add_argument("--cache-dir", default="cache", help="the random-weights row is cached in <cache-dir>/knn/ "
                                                         "(default: cache)")
+    p.add_argument("--no-random-row", action="store_true", help="--knn: no random-weights row (computing it embeds "
+                   "the dataset once more: a minute for the glyphs on 2 CPU cores)")
     p.add_argument("--knn-train", type=int, default=0, help="KNN against this many evenly spaced training images "
                                                             "(0: all; a quick check)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",

@@ -159,8 +159,11 @@ def test_knn_report_comes_after_the_latent_cache_and_reads_it(tmp_path, monkeypa
     assert "--train" in train_argv and "--skip-knn" in train_argv
     assert "--knn" in knn_argv and knn_argv[knn_argv.index("--latent-cache") + 1] == str(tmp_path / "c" / "glyphs")
     assert knn_argv[knn_argv.index("--cache-dir") + 1] == str(tmp_path / "c")   # where the random row is kept
+    assert "--no-random-row" in knn_argv                                        # quick: no random-weights row
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True)          # weights present: no training
     assert [c[0] for c in calls] == ["cache", "encoder", "train"] and "--knn" in calls[1][1]
+    calls = _stages(tmp_path, monkeypatch, "full", clip_exists=True)           # full: the random row reported
+    assert "--knn" in calls[1][1] and "--no-random-row" not in calls[1][1]
 
 
 def test_image_space_vae_trains_the_glyph_vae_once_and_every_stage_reads_its_latents(tmp_path, monkeypatch):

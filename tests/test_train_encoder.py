@@ -218,6 +218,16 @@ def test_random_row_is_cached_by_what_it_depends_on(folder, tmp_path, count_embe
     assert len(count_embeddings) == 7 and len(list((tmp_path / "c" / "knn").glob("random-*.json"))) == 3
 
 
+def test_no_random_row_embeds_once_and_reports_the_same_trained_row(folder, tmp_path, count_embeddings):
+    weights = tmp_path / "moco.pt"
+    te.main(moco_argv(folder, weights, "--steps", 1, "--skip-knn"))
+    fresh = te.main(knn_argv(folder, weights, tmp_path / "c"))
+    assert [row[0] for row in fresh] == ["random", "trained", "pixels"] and len(count_embeddings) == 2
+    rows = te.main(knn_argv(folder, weights, tmp_path / "c2", "--no-random-row"))
+    assert rows == fresh[1:] and len(count_embeddings) == 3            # one pass: the trained row's
+    assert not (tmp_path / "c2" / "knn").exists()                      # nothing computed, nothing stored
+
+
 def test_trained_row_reads_the_latent_cache(folder, tmp_path, count_embeddings):
     weights = tmp_path / "moco.pt"
     te.main(moco_argv(folder, weights, "--steps", 1, "--skip-knn"))
