@@ -255,11 +255,10 @@ def level_items(level_dir, split, n=None):
     ``n`` items of ``split`` evenly spaced (all when None); ``pixels`` is True for a pixel image level."""
     meta = data.read_json(Path(level_dir) / "meta.json", "retrain the level")
     hier = hierarchy.locate_cache(meta, level_dir)
-    k = len(meta["conds"])  # the levels above this one, top-down, then this one (the paper's grids 1, 2, 4, ...)
-    levels = hier.levels(max(meta["depth"], k + 1), meta["patch"])
-    pixels = levels[k].image and hier.meta["image_space"] == "pixels"
+    levels = hierarchy.meta_levels(meta)  # the levels above this one, top-down, then this one
+    pixels = levels[-1].image and hier.meta["image_space"] == "pixels"
     base = data.build_dataset(meta["data"], split, hier.meta["image_shape"][-1]) if pixels else None
-    items = hierarchy.LevelData(hier, split, levels[:k + 1], base)
+    items = hierarchy.LevelData(hier, split, levels, base)
     idx = list(range(len(items))) if n is None else data.evenly_spaced(len(items), min(n, len(items)))
     x0, zs, y, _ = items.batch(idx)
     return meta, pixels, (x0, zs, y)
@@ -430,12 +429,12 @@ LAYOUTS = {  # encoder width, image level (C, H, W), image patch
 }
 
 
-def cost_table(size, layout, depths=range(1, 6), cond_path="tokens"):
+def cost_table(size, layout, depths=range(1, 6), cond_path="tokens", top_channels=None):
     """[(depth, level, name, params, GMACs)] for every level of every depth, counted on the meta device."""
     enc_dim, image_shape, patch = LAYOUTS[layout]
     rows = []
     for depth in depths:
-        levels = hierarchy.level_specs(depth, enc_dim, image_shape, patch)
+        levels = hierarchy.level_specs(depth, enc_dim, image_shape, patch, top_channels)
         for k, level in enumerate(levels):
             conds = [c.shape for c in levels[:k]]
             with torch.device("meta"):  # shapes only: nothing is allocated or multiplied

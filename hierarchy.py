@@ -47,6 +47,8 @@ import data
 from encoder import Encoder, MoCoV3Encoder, PixelEncoder, WeightsUnavailable
 from denoiser import token_patch
 
+TOP_CHANNELS_HELP = ("channels the top level's SVD keeps, halved at each finer level (default: min(256, D/2), the "
+                     "paper's rule for an encoder of width D; fewer bind the bottleneck)")
 MIN_CROP = 64              # paper §4.1: a grid cell of at least 64 px is encoded from its own crop
 VAE_SCALE = 0.18215        # SD-VAE latent scale (LDM / U-ViT ImageNet): latents are scaled to about unit variance
 VAE_SCALES = {"coco": 0.23010}  # per-dataset exceptions (U-ViT's COCO scripts, shared/paper.md §4.2)
@@ -74,16 +76,25 @@ class Level:
         return f"image{self.channels}x{self.grid}" if self.image else f"z{self.grid}x{self.grid}c{self.channels}"
 
 
-def latent_channels(grid, enc_dim):
-    """Channels kept at an M×M level: min(256, D/2) at the top, halved per doubling of M (paper §2.2)."""
-    return max(1, min(256, enc_dim // 2) // grid)
+def latent_channels(grid, enc_dim, top=None):
+    """Channels kept at an M×M level: ``top`` at the top (default min(256, D/2), paper §2.2), halved per
+    doubling of M."""
+    return max(1, (top or min(256, enc_dim // 2)) // grid)
 
 
-def level_specs(depth, enc_dim, image_shape, image_patch):
-    """The ``depth`` levels, top-down: latent grids 1, 2, 4, ... then the image level ``image_shape`` (C, H, W)."""
+def level_specs(depth, enc_dim, image_shape, image_patch, top_channels=None):
+    """The ``depth`` levels, top-down: latent grids 1, 2, 4, ... (``top_channels`` at the top, latent_channels)
+    then the image level ``image_shape`` (C, H, W)."""
     grids = [2 ** k for k in range(depth - 1)]
-    latents = [Level(m, latent_channels(m, enc_dim), token_patch(m)) for m in grids]
+    latents = [Level(m, latent_channels(m, enc_dim, top_channels), token_patch(m)) for m in grids]
     return latents + [Level(image_shape[1], image_shape[0], image_patch, image=True)]
+
+
+def meta_levels(meta):
+    """The levels a trained level reads, top-down, then its own, as its meta.json (train.py) records them."""
+    conds = [Level(grid, channels, token_patch(grid)) for channels, grid, _ in meta["conds"]]
+    channels, grid, _ = meta["target"]
+    return conds + [Level(grid, channels, meta["patch"], image=meta["target_image"])]
 
 
 def sigma_for(grid, cond, sigmas=None):
@@ -275,8 +286,10 @@ class Hierarchy:
             raise data.UsageError(f"latent cache file {self.root / name} cannot be read "
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {self.remedy}") from None
 
-    def levels(self, depth, image_patch):
-        return level_specs(depth, self.enc_dim, self.image_shape, image_patch)
+    def levels(self, depth, image_patch, top_channels=None):
+        if top_channels is not None and not 1 <= top_channels <= self.enc_dim:
+            raise data.UsageError(f"--top-channels must be in 1..{self.enc_dim} (the encoder's width), got {top_channels}")
+        return level_specs(depth, self.enc_dim, self.image_shape, image_patch, top_channels)
 
     def reduction(self, level):
         """The channel reduction of a latent level; a UsageError if the cache has too few training vectors."""
@@ -307,7 +320,7 @@ class Hierarchy:
         path = self.reduced_path(split, level)
         if not path.exists():
             raise data.UsageError(f"no reduced latents {path.name} in {self.root}; "
-                                  "write them with python hierarchy.py --reduced-cache --depth L")
+                                  "write them with python hierarchy.py --reduced-cache --depth L [--top-channels C]")
         return np.load(path, mmap_mode="r")
 
     def labels(self, split):
@@ -410,11 +423,12 @@ def _extend_cache(root, args, digest, meta, todo, need_vae, encoder, vae):
     return Hierarchy(root)
 
 
-def write_reduced(hier, depth, chunk=4096):
-    """The reduced cache of a depth: each latent level's SVD and scale applied to the raw features, stored as
+def write_reduced(hier, depth, chunk=4096, top_channels=None):
+    """The reduced cache of a depth (``top_channels`` at its top level, latent_channels): each latent level's SVD
+    and scale applied to the raw features, stored as
     float16 (N, k, M, M) per split, streamed ``chunk`` images at a time; read by LevelData(reduced=True).
     Returns bytes per image. The raw features may be deleted afterwards to save disk (re-reducing needs them)."""
-    levels = [lv for lv in hier.levels(depth, image_patch=1) if not lv.image]
+    levels = [lv for lv in hier.levels(depth, image_patch=1, top_channels=top_channels) if not lv.image]
     for split in ("train", "test"):
         for lv in levels:
             feats, reduce, path = hier.features(split, lv.grid), hier.reduction(lv), hier.reduced_path(split, lv)
@@ -644,12 +658,12 @@ def main(args):
     hier = build_cache(args)
     print(f"latent cache {hier.root} ({time.time() - start:.1f}s)")
     print(f"{'level':>6} {'name':>14} {'shape':>14} {'tokens':>6} {'variance kept':>14}")
-    for k, lv in enumerate(hier.levels(args.depth, image_patch=1)):
+    for k, lv in enumerate(hier.levels(args.depth, image_patch=1, top_channels=args.top_channels)):
         kept = "" if lv.image else f"{hier.reduction(lv).kept:14.3f}"
         tokens = "" if lv.image else (lv.grid // lv.patch) ** 2
         print(f"{args.depth - k:>6} {lv.name:>14} {str(lv.shape):>14} {tokens:>6} {kept}")
     if args.reduced_cache:
-        per_image = write_reduced(hier, args.depth)
+        per_image = write_reduced(hier, args.depth, top_channels=args.top_channels)
         print(f"reduced latents of depth {args.depth}: {per_image / 1e3:.2f} KB per image (raw features: "
               f"{sum(2 * hier.enc_dim * m * m for m in hier.meta['grids'] if m < 2 ** (args.depth - 1)) / 1e3:.2f} KB)")
 
@@ -658,6 +672,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_hierarchy_args(p)
     p.add_argument("--depth", type=int, default=5, help="number of levels L (the paper's main model: 5)")
+    p.add_argument("--top-channels", type=int, default=None, help=TOP_CHANNELS_HELP)
     return p
 
 

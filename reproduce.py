@@ -199,7 +199,7 @@ def main(args):
     t = step("latent cache")
     hargs = H.resolve_defaults(H.get_parser().parse_args(hierarchy_argv(args) + ["--depth", str(max(cfg["depths"]))]))
     hier = H.build_cache(hargs)
-    levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH[args.image_space])
+    levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH[args.image_space], args.top_channels)
     kept = {lv.name: hier.reduction(lv).kept for lv in levels if not lv.image}
     timings["cache"] = time.time() - t
     if cfg.get("conds"):  # its results carry no KNN row
@@ -308,9 +308,11 @@ def finish(args, cfg, out):
 
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
-    smallest crop and p_uncond where they are not the preset's, so that levels trained otherwise never share a folder."""
+    image space, the smallest crop, the top level's channels and p_uncond where they are not the preset's, so that
+    levels trained otherwise never share a folder."""
     suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.image_space == "pixels" else "-vae") \
         + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
+        + ("" if args.top_channels is None else f"-c{args.top_channels}") \
         + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
@@ -325,7 +327,8 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
         "--precision", args.precision, "--p-uncond", str(cfg["p_uncond"])]
-        + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])))
+        + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])
+        + ([] if args.top_channels is None else ["--top-channels", str(args.top_channels)])))
 
 
 def reference_images(test_set, n):
@@ -386,7 +389,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     ran where, by default this command on this machine)."""
     command, machine = command or command_line(args), machine or evaluate.machine(args.device)
     layout = "glyphs" if args.image_space == "pixels" else "glyphs-vae"
-    gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], layout, [d], args.cond_path)) for d in cfg["depths"]}
+    gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], layout, [d], args.cond_path, args.top_channels))
+             for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
     lines = [f"# Glyph reproduction, preset `{args.preset}`", "",
              f"Command: `{command}` — machine: {machine}, {args.precision} — "
@@ -446,7 +450,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
         "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
-        "p_uncond": cfg["p_uncond"],
+        "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels,
         "knn": knn, "reused": reused, "timings_s": timings, "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
@@ -595,6 +599,10 @@ def get_parser():
                         "trained when missing; the glyph analogue of the paper's SD-VAE), patch 1; own folders (-vae)")
     p.add_argument("--vae", default=None, help="--image-space vae: the glyph VAE's diffusers folder, trained when "
                                               "missing (default: checkpoints/glyph-vae-<preset>)")
+    p.add_argument("--top-channels", type=int, default=None,
+                   help="channels the top latent level keeps, halved per finer level (train.py --top-channels; "
+                        "default: the paper's min(256, D/2), 64 for the 128-d glyph CLIP, whose SVD then keeps "
+                        "99-100%% of the variance); fewer bind the bottleneck; own folders (-cC)")
     p.add_argument("--min-crop", type=int, default=H.MIN_CROP,
                    help="smallest crop in px that a latent grid cell is encoded from (hierarchy.py --min-crop, paper "
                         "§3.3: 64 px of 256); smaller cells pool the encoder's token map. The default never crops the "

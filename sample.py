@@ -319,7 +319,7 @@ def main(args):
     text_encoder = H.make_text_encoder(cache_args, device) if args.cond == "text" else None
     if args.reference:
         refs = load_reference(args.reference, metas[-1], cache_args.image_size, args.n)
-        ref_levels = hier.levels(args.depth, metas[-1]["patch"])[:args.keep]
+        ref_levels = H.meta_levels(metas[-1])[:args.keep]  # the latents the image level was trained on
 
     generator = torch.Generator(device).manual_seed(args.seed)
     captions = hier.captions("test")

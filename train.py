@@ -55,7 +55,7 @@ def image_patch(args, hier):
 
 def level_plan(args, hier):
     """(target level, condition levels top-down, σ of each condition) of level ``args.level`` of depth ``args.depth``."""
-    levels = hier.levels(args.depth, image_patch(args, hier))
+    levels = hier.levels(args.depth, image_patch(args, hier), args.top_channels)
     k = args.depth - args.level  # position from the top
     conds = levels[:k]
     sigmas = [args.sigma[i] if args.sigma else H.sigma_for(c.grid, args.cond) for i, c in enumerate(conds)]
@@ -586,6 +586,7 @@ def get_parser():
                         "tokens, the text tower's token states) or adaln (CLIP's pooled text embedding added to "
                         "the adaLN vector like a class; not in the paper; a step costs what a class step does)")
     p.add_argument("--image-patch", type=int, default=None, help="patch of the image level (default: 2 for SD-VAE, H/16 for pixels)")
+    p.add_argument("--top-channels", type=int, default=None, help=H.TOP_CHANNELS_HELP)
     p.add_argument("--sigma", type=float, nargs="+", default=None,
                    help="σ of each condition level, top-down (default: the paper's, per --cond: "
                         "none 0,0.5,0.5,1; class 0.5,0.5,1,1; text 0.5)")

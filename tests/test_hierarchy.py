@@ -24,6 +24,8 @@ def test_level_specs_paper_layout():
         assert [(lv.grid // lv.patch) ** 2 for lv in levels[:-1]] == [1, 4, 4, 16]
     assert [lv.channels for lv in H.level_specs(5, 128, (1, 32, 32), 4)] == [64, 32, 16, 8, 1]
     assert H.level_specs(1, 512, (4, 32, 32), 2) == [H.Level(32, 4, 2, image=True)]
+    assert [lv.channels for lv in H.level_specs(5, 128, (1, 32, 32), 4, top_channels=8)] == [8, 4, 2, 1, 1]
+    assert H.level_specs(4, 768, (4, 32, 32), 2, top_channels=256) == H.level_specs(4, 768, (4, 32, 32), 2)
 
 
 def test_sigma_defaults():

@@ -116,7 +116,7 @@ def _stages(tmp_path, monkeypatch, preset, clip_exists, encoder="clip", folders=
     class Hier:
         root = tmp_path / "c" / "glyphs"
 
-        def levels(self, depth, patch):
+        def levels(self, depth, patch, top_channels=None):
             return []
     monkeypatch.setattr(reproduce.data, "build_dataset", lambda *a, **kw: [0, 1])
     def encoder_main(argv):
@@ -177,6 +177,15 @@ def test_image_space_vae_trains_the_glyph_vae_once_and_every_stage_reads_its_lat
     assert [c[0] for c in calls] == ["cache", "encoder", "train"]                   # the folder exists: no retraining
     with pytest.raises(reproduce.data.UsageError, match="--vae is the glyph VAE's folder for --image-space vae"):
         _stages(tmp_path, monkeypatch, "quick", clip_exists=True, extra=["--vae", "v"])
+
+
+def test_top_channels_reach_every_level_and_get_their_own_folders(tmp_path, monkeypatch):
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False, extra=["--top-channels", "8"])
+    targs = calls[-1][1]
+    assert targs.top_channels == 8 and targs.run == "runs/reproduce-quick-c8"
+    assert _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False)[-1][1].top_channels is None
+    gmacs = [sum(g for *_, g in reproduce.evaluate.cost_table("XS", "glyphs", [4], top_channels=c)) for c in (None, 8)]
+    assert gmacs[1] < gmacs[0]                     # narrower condition tokens: a smaller embedding of each
 
 
 def test_cond_preset_runs_no_knn_report(tmp_path, monkeypatch):
@@ -315,7 +324,7 @@ def test_defer_fid_lists_the_samples_and_finish_scores_them_into_the_same_result
     class Hier:
         root = tmp_path / "c"
 
-        def levels(self, depth, patch):
+        def levels(self, depth, patch, top_channels=None):
             return []
 
     def fake_sample(args):
