@@ -136,7 +136,7 @@ def test_reproduce_hands_the_device_to_every_stage(tmp_path, monkeypatch):
     class Hier:
         root = tmp_path / "c"
 
-        def levels(self, depth, patch):
+        def levels(self, depth, patch, top_channels=None):
             return []
 
     def fake_sample(args):
