@@ -426,6 +426,7 @@ LAYOUTS = {  # encoder width, image level (C, H, W), image patch
     "imagenet": (512, (4, 32, 32), 2),   # paper: CLIP/MoCo ViT-B/16 latents 256/128/64/32, SD-VAE 32×32×4, patch 2
     "glyphs": (128, (1, 32, 32), 4),     # the glyph CLIP (128-d) and 32 px greyscale glyphs
     "glyphs-vae": (128, (4, 8, 8), 1),   # the same with the glyph VAE's 8×8×4 latents (autoencoder.py) as image level
+    "glyphs-64": (128, (1, 64, 64), 8),  # 64 px glyphs, the same 64 image tokens (reproduce.py --image-size 64)
 }
 
 

@@ -85,8 +85,8 @@ PRESETS = {
 # definition of glyphs of one radical: gold 金, water 水, tree 木, fire 火, fish 魚, horse 馬)
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
-IMAGE_SIZE = 32  # 32 px glyphs as 8×8 = 64 tokens (patch 4 on pixels, 1 on the glyph VAE's 8×8×4): minutes on 2 cores
-IMAGE_PATCH = {"pixels": 4, "vae": 1}  # the image level's patch per --image-space
+IMAGE_SIZE = 32  # default glyph size: 8×8 = 64 tokens (patch 4 on pixels, 1 on the glyph VAE's 8×8×4): minutes on 2 cores
+IMAGE_SPACES = ("pixels", "vae")  # the image level: pixels, or the glyph VAE's latents (autoencoder.py)
 VAE_STEPS = 1000  # autoencoder.py's training steps for --image-space vae (about 6 min on 2 CPU cores)
 ENCODER_NAMES = {"clip": "glyph CLIP", "mocov3": "MoCo-v3 ViT", "pixels": "pixel thumbnails"}
 # train_encoder.py's MoCo-v3 flags for the glyph ViT on 2 CPU cores (README: MoCo-v3 encoder on glyphs, Your own images)
@@ -103,8 +103,13 @@ def default_sigmas(depth, cond="none"):
     return [H.sigma_for(2 ** k, cond) for k in range(depth - 1)]
 
 
+def image_patch(args):
+    """The image level's patch: 64 tokens at any glyph size (pixels: size / 8; the glyph VAE's 8×8×4 latents: 1)."""
+    return args.image_size // 8 if args.image_space == "pixels" else 1
+
+
 def hierarchy_argv(args):
-    return ["--data", "glyphs", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+    return ["--data", "glyphs", "--image-size", str(args.image_size), "--data-dir", args.data_dir,
             "--cache-dir", args.cache_dir, "--encoder", args.encoder, "--pretrained", encoder_weights(args),
             "--min-crop", str(args.min_crop), "--device", args.device] \
         + (["--image-space", "sd-vae", "--vae", args.vae] if args.image_space == "vae" else [])
@@ -166,6 +171,8 @@ def main(args):
     resolve_encoder(args, cfg)
     if args.vae is not None and args.image_space != "vae":
         raise data.UsageError("--vae is the glyph VAE's folder for --image-space vae")
+    if args.image_size != IMAGE_SIZE and args.image_space == "vae":
+        raise data.UsageError(f"--image-size {args.image_size} runs on pixels; the glyph VAE is trained at {IMAGE_SIZE} px")
     args.vae = args.vae or f"checkpoints/glyph-vae-{cfg.get('clip_of', args.preset)}"
     out, runs = folders(args, cfg)
     if args.finish:
@@ -175,12 +182,12 @@ def main(args):
     timings, started = {}, time.time()
 
     t = step("glyph data")
-    train_set = data.build_dataset("glyphs", "train", IMAGE_SIZE, data_dir=args.data_dir)
-    test_set = data.build_dataset("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir)
+    train_set = data.build_dataset("glyphs", "train", args.image_size, data_dir=args.data_dir)
+    test_set = data.build_dataset("glyphs", "test", args.image_size, data_dir=args.data_dir)
     print(f"{len(train_set)} train, {len(test_set)} held-out glyphs")
     timings["data"] = time.time() - t
 
-    encoder_argv = ["--objective", args.encoder, "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+    encoder_argv = ["--objective", args.encoder, "--image-size", str(args.image_size), "--data-dir", args.data_dir,
                     "--device", args.device]
     if args.encoder == "clip":
         t = step("glyph CLIP")
@@ -191,7 +198,7 @@ def main(args):
     if args.image_space == "vae":
         t = step("glyph VAE")
         if not Path(args.vae).exists():
-            autoencoder.main(["--data", "glyphs", "--image-size", str(IMAGE_SIZE), "--data-dir", args.data_dir,
+            autoencoder.main(["--data", "glyphs", "--image-size", str(args.image_size), "--data-dir", args.data_dir,
                               "--steps", str(VAE_STEPS), "--out", args.vae, "--device", args.device,
                               "--precision", args.precision])
         timings["vae"] = time.time() - t
@@ -199,7 +206,7 @@ def main(args):
     t = step("latent cache")
     hargs = H.resolve_defaults(H.get_parser().parse_args(hierarchy_argv(args) + ["--depth", str(max(cfg["depths"]))]))
     hier = H.build_cache(hargs)
-    levels = hier.levels(max(cfg["depths"]), IMAGE_PATCH[args.image_space], args.top_channels)
+    levels = hier.levels(max(cfg["depths"]), image_patch(args), args.top_channels)
     kept = {lv.name: hier.reduction(lv).kept for lv in levels if not lv.image}
     timings["cache"] = time.time() - t
     if cfg.get("conds"):  # its results carry no KNN row
@@ -264,7 +271,7 @@ def score(args, cfg, out, state, test_set):
     """FID of every sample set of ``state["samples"]`` against the held-out glyphs, the oracle's paired pixel
     error, and the results files."""
     t = step("FID")
-    ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
+    ref = evaluate.dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, max_n=cfg["fid_ref"],
                                  device=args.device)
     samples, fids = state["samples"], {}  # (depth, σ_L … σ_2, guidance weight) -> FID
     images = {npz: np.load(npz)["arr_0"] for npz in sample_files(samples)}  # each file read once
@@ -301,18 +308,19 @@ def finish(args, cfg, out):
     if missing:
         raise data.UsageError(f"--finish: {len(missing)} sample files of {pending} not found, e.g. {missing[0]}")
     args.precision = state["precision"]
-    test_set = data.build_dataset("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir)
+    test_set = data.build_dataset("glyphs", "test", args.image_size, data_dir=args.data_dir)
     state["machine"] += f"; FID afterwards (--finish) on {evaluate.machine(args.device)}"
     score(args, cfg, out, state, test_set)
 
 
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
-    image space, the smallest crop, the top level's channels and p_uncond where they are not the preset's, so that
+    image space, the smallest crop, the top level's channels, the glyph size and p_uncond where they are not the preset's, so that
     levels trained otherwise never share a folder."""
     suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.image_space == "pixels" else "-vae") \
         + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
         + ("" if args.top_channels is None else f"-c{args.top_channels}") \
+        + ("" if args.image_size == IMAGE_SIZE else f"-{args.image_size}px") \
         + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}")
     return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
@@ -322,7 +330,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
     """Train (or reuse) one level of a depth-``depth`` model of mode ``cond`` with condition noise ``sigmas``."""
     steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
     train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
-        "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(IMAGE_PATCH[args.image_space]),
+        "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(image_patch(args)),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
@@ -388,7 +396,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     """results.md (the tables the README quotes) and results.json from one run (``command`` and ``machine``: what
     ran where, by default this command on this machine)."""
     command, machine = command or command_line(args), machine or evaluate.machine(args.device)
-    layout = "glyphs" if args.image_space == "pixels" else "glyphs-vae"
+    layout = {"vae": "glyphs-vae", "pixels": "glyphs" if args.image_size == IMAGE_SIZE else f"glyphs-{args.image_size}"}[
+        args.image_space]
     gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], layout, [d], args.cond_path, args.top_channels))
              for d in cfg["depths"]}
     fmt = lambda key: f"{fids[key]:.2f}" if key in fids else "—"  # noqa: E731
@@ -396,7 +405,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              f"Command: `{command}` — machine: {machine}, {args.precision} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min)"
              + (f"; reused, already trained by an earlier run: {', '.join(reused)}" if reused else "") + ".", "",
-             f"Data: {n_train} training glyphs, {n_test} held out, {IMAGE_SIZE} px. Encoder: "
+             f"Data: {n_train} training glyphs, {n_test} held out, {args.image_size} px. Encoder: "
              f"{ENCODER_NAMES[args.encoder]} ({encoder_weights(args)}). Image level: "
              + ("pixels" if args.image_space == "pixels" else f"the 8×8×4 latents of the glyph VAE {args.vae}")
              + f". Denoisers: size {cfg['model']}, "
@@ -482,7 +491,7 @@ def conditional(args, cfg, out, runs, timings, started):
     timings["classifier"] = time.time() - t
 
     t = step("sampling, FID and adherence")
-    ref = evaluate.dataset_stats("glyphs", "test", IMAGE_SIZE, data_dir=args.data_dir, max_n=cfg["fid_ref"],
+    ref = evaluate.dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, max_n=cfg["fid_ref"],
                                  device=args.device)
     fids, shares = {}, {}  # (mode, depth, guided) -> FID; (mode, depth, guided, prompt) -> adherence
     for cond, depth, sigmas in cond_models(cfg):
@@ -594,8 +603,12 @@ def get_parser():
                    help="frozen encoder of the latent levels (hierarchy.py --encoder): clip, the glyph CLIP (--clip); "
                         "mocov3, a MoCo-v3 ViT trained on the glyphs (--pretrained); pixels, no network: each grid "
                         "cell's 16x16 thumbnail (an ablation); the last two not for preset cond")
-    p.add_argument("--image-space", choices=list(IMAGE_PATCH), default="pixels",
-                   help="the image level: pixels (patch 4), or vae: the 8x8x4 latents of a glyph VAE (autoencoder.py, "
+    p.add_argument("--image-size", type=int, choices=(IMAGE_SIZE, 2 * IMAGE_SIZE), default=IMAGE_SIZE,
+                   help="glyph size in px; the image level keeps 64 tokens (pixels at patch size/8), the encoder "
+                        "its 32 px input (larger crops are resized to it); 64 with --min-crop 32 encodes the 2x2 "
+                        "level from its own crops (the crop operator of §3.3); pixels only; own folders (-64px)")
+    p.add_argument("--image-space", choices=IMAGE_SPACES, default="pixels",
+                   help="the image level: pixels (patch size/8), or vae: the 8x8x4 latents of a glyph VAE (autoencoder.py, "
                         "trained when missing; the glyph analogue of the paper's SD-VAE), patch 1; own folders (-vae)")
     p.add_argument("--vae", default=None, help="--image-space vae: the glyph VAE's diffusers folder, trained when "
                                               "missing (default: checkpoints/glyph-vae-<preset>)")

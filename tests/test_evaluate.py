@@ -328,6 +328,7 @@ def test_glyph_vae_layout_differs_from_pixels_only_in_the_patch_embedding_and_he
     the embedding (values -> width) and the head (width -> values) each do 12 x width fewer MACs per token."""
     cost = lambda layout: sum(g for *_, g in evaluate.cost_table("XS", layout, [1]))  # noqa: E731
     assert cost("glyphs") - cost("glyphs-vae") == pytest.approx(2 * 12 * 192 * 64 / 1e9, rel=1e-6)
+    assert cost("glyphs-64") - cost("glyphs") == pytest.approx(2 * 48 * 192 * 64 / 1e9, rel=1e-6)  # 64 px at patch 8
 
 
 def toy_glyphs(n, seed):

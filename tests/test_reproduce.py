@@ -188,6 +188,17 @@ def test_top_channels_reach_every_level_and_get_their_own_folders(tmp_path, monk
     assert gmacs[1] < gmacs[0]                     # narrower condition tokens: a smaller embedding of each
 
 
+def test_64px_glyphs_keep_64_image_tokens_in_their_own_folders(tmp_path, monkeypatch):
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False,
+                    extra=["--image-size", "64", "--min-crop", "32"])
+    hargs, knn_argv, targs = calls[0][1], calls[1][1], calls[2][1]
+    assert hargs.image_size == targs.image_size == 64 and hargs.min_crop == targs.min_crop == 32
+    assert knn_argv[knn_argv.index("--image-size") + 1] == "64"
+    assert targs.image_patch == 8 and targs.run == "runs/reproduce-quick-crop32-64px"   # (64 / 8)² = 64 tokens
+    with pytest.raises(reproduce.data.UsageError, match="--image-size 64 runs on pixels"):
+        _stages(tmp_path, monkeypatch, "quick", clip_exists=True, extra=["--image-size", "64", "--image-space", "vae"])
+
+
 def test_cond_preset_runs_no_knn_report(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "conditional", lambda *a: None)  # its results hold no KNN row
     assert [c[0] for c in _stages(tmp_path, monkeypatch, "cond", clip_exists=True)] == ["cache"]
