@@ -315,8 +315,8 @@ def finish(args, cfg, out):
 
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
-    image space, the smallest crop, the top level's channels, the glyph size and p_uncond where they are not the preset's, so that
-    levels trained otherwise never share a folder."""
+    image space, the smallest crop, the top level's channels, the glyph size and p_uncond where they are not the
+    preset's, so that levels trained otherwise never share a folder."""
     suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.image_space == "pixels" else "-vae") \
         + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
         + ("" if args.top_channels is None else f"-c{args.top_channels}") \
