@@ -8,9 +8,11 @@ denoisers model what is left. No VAE knows glyphs, so this script trains one of 
 losses. It is saved as a diffusers folder whose ``scaling_factor`` makes the posterior means of the training images
 unit-variance (what LDM's 0.18215 does for the SD-VAE), and any script takes it as ``--image-space sd-vae --vae
 FOLDER`` (hierarchy.py, train.py, sample.py read the scale from the cache). Not in the paper; the README's
-"Differences from the paper" says so.
+"Differences from the paper" says so. Training keeps its state (weights, AdamW, the batch generator) in
+``<out>.partial.pt`` every ``--ckpt-every`` steps; ``--resume`` continues an interrupted run from it, to the same
+weights as a run that was never interrupted.
 
-    python autoencoder.py --data glyphs --out checkpoints/glyph-vae
+    python autoencoder.py --data glyphs --out checkpoints/glyph-vae        # interrupted? add --resume
 """
 import argparse
 import json
@@ -29,6 +31,8 @@ from denoiser import native_bf16
 # (block_out_channels, layers_per_block): len(block_out_channels) - 1 halvings of the side (glyph: 32 px -> 8)
 SIZES = {"glyph": ((32, 64, 64), 1), "tiny": ((8, 8), 1)}
 LATENT_CHANNELS = 4  # SD-VAE's
+# the flags a partial run must share with the run that resumes it (--steps may grow)
+RESUME_FLAGS = ("data", "image_size", "size", "batch_size", "lr", "kl_weight", "seed")
 
 
 def build(size="glyph", channels=1, image_size=32):
@@ -82,21 +86,51 @@ def train(args):
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
     errors = held_out_reconstructions(vae, args, tmp)
-    flags = ("data", "image_size", "size", "steps", "batch_size", "lr", "kl_weight", "seed")
+    flags = ("steps",) + RESUME_FLAGS
     (tmp / "report.json").write_text(json.dumps(errors | {k: getattr(args, k) for k in flags}, indent=1))
     shutil.rmtree(args.out, ignore_errors=True)
     tmp.rename(args.out)
+    partial_path(args.out).unlink(missing_ok=True)
     return errors
 
 
+def partial_path(out):
+    """Where an unfinished training run of ``out`` keeps its state."""
+    return Path(out).with_name(Path(out).name + ".partial.pt")
+
+
+def load_partial(vae, opt, generator, args):
+    """Restore an interrupted run (--resume) into ``vae``, ``opt`` and ``generator``; returns its step (0: none).
+    One line if it was trained with other flags."""
+    path = partial_path(args.out)
+    if not (args.resume and path.exists()):
+        return 0
+    state = torch.load(path, map_location=generator.device, weights_only=False)
+    differ = [f"--{k.replace('_', '-')} {state['flags'][k]}" for k in RESUME_FLAGS if state["flags"][k] != getattr(args, k)]
+    if differ:
+        raise data.UsageError(f"{path} was trained with {', '.join(differ)}; pass those to --resume it, or delete it")
+    vae.load_state_dict(state["vae"])
+    opt.load_state_dict(state["opt"])
+    generator.set_state(state["generator"])
+    return state["step"]
+
+
+def save_partial(vae, opt, generator, step, args):
+    state = {"vae": vae.state_dict(), "opt": opt.state_dict(), "generator": generator.get_state(), "step": step,
+             "flags": {k: getattr(args, k) for k in RESUME_FLAGS}}
+    data.atomic_write(partial_path(args.out), lambda tmp: torch.save(state, tmp))
+
+
 def fit(vae, images, args):
-    """--steps AdamW steps on random batches of ``images`` (N, C, H, W); returns the VAE in eval mode."""
+    """--steps AdamW steps on random batches of ``images`` (N, C, H, W), from the partial run's step with --resume,
+    saving the state every --ckpt-every steps; returns the VAE in eval mode."""
     device = images.device
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator(device).manual_seed(args.seed)
+    start = load_partial(vae, opt, generator, args)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
-    bar = tqdm(range(args.steps), desc="glyph VAE", unit="step")
-    for _ in bar:
+    bar = tqdm(range(start, args.steps), desc="glyph VAE", unit="step", initial=start, total=args.steps)
+    for step in bar:
         x = images[torch.randint(len(images), (args.batch_size,), generator=generator, device=device)]
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             rec, kl = loss_terms(vae, x, generator)
@@ -107,6 +141,8 @@ def fit(vae, images, args):
         loss.backward()
         opt.step()
         bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.3f}", refresh=False)
+        if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+            save_partial(vae, opt, generator, step + 1, args)
     return vae.eval()
 
 
@@ -123,7 +159,7 @@ def held_out_reconstructions(vae, args, folder):
 
 def main(argv):
     args = get_parser().parse_args(argv)
-    for flag, low in (("--steps", 1), ("--batch-size", 1), ("--image-size", 8)):
+    for flag, low in (("--steps", 1), ("--batch-size", 1), ("--image-size", 8), ("--ckpt-every", 1)):
         data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     data.check_range("--lr", args.lr, 0, strict=True)
     data.check_range("--kl-weight", args.kl_weight, 0)
@@ -135,6 +171,9 @@ def main(argv):
         return errors
     if Path(args.out).exists() and not args.overwrite:
         raise data.UsageError(f"{args.out} exists; pass --overwrite to retrain it, or another --out")
+    if partial_path(args.out).exists() and not (args.resume or args.overwrite):
+        raise data.UsageError(f"{partial_path(args.out)} holds an interrupted run of {args.out}; pass --resume to "
+                              "continue it, or --overwrite to start over")
     start = time.time()
     errors = train(args)
     side = args.image_size // 2 ** (len(SIZES[args.size][0]) - 1)
@@ -159,7 +198,9 @@ def get_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
     p.add_argument("--out", default="checkpoints/glyph-vae", help="the diffusers folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and start over an interrupted run)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run of --out (<out>.partial.pt)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between saves of the training state")
     p.add_argument("--reconstruct", action="store_true",
                    help="train nothing: write the held-out reconstructions.npz of the trained VAE in --out")
     return p

@@ -197,10 +197,10 @@ def main(args):
         timings["clip"] = time.time() - t
     if args.image_space == "vae":
         t = step("glyph VAE")
-        if not Path(args.vae).exists():
+        if not Path(args.vae).exists():  # an interrupted training run continues where it stopped
             autoencoder.main(["--data", "glyphs", "--image-size", str(args.image_size), "--data-dir", args.data_dir,
                               "--steps", str(VAE_STEPS), "--out", args.vae, "--device", args.device,
-                              "--precision", args.precision])
+                              "--precision", args.precision, "--resume"])
         timings["vae"] = time.time() - t
 
     t = step("latent cache")

@@ -55,6 +55,42 @@ def test_training_lowers_the_reconstruction_error_and_saves_a_loadable_folder(tm
     assert again == pytest.approx(errors, rel=1e-5) and (out / "reconstructions.npz").exists()
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed in step 6 (state saved every 2 steps, so at step 4), then --resume runs steps 5-8 only: the folder equals
+    that of a run never interrupted, to the bit; a partial run is neither resumed nor overwritten without a flag."""
+    train_x = _blobs(64, seed=0)
+    monkeypatch.setattr(autoencoder, "split_images", lambda name, split, size, d: train_x if split == "train" else train_x[:8])
+    argv = ["--size", "tiny", "--image-size", "16", "--steps", "8", "--batch-size", "8", "--ckpt-every", "2",
+            "--precision", "fp32", "--device", "cpu"]
+    autoencoder.main(argv + ["--out", str(tmp_path / "whole")])
+    real, calls = autoencoder.loss_terms, []
+
+    def dies_at_step_6(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise _Killed()
+        return real(*a, **kw)
+    monkeypatch.setattr(autoencoder, "loss_terms", dies_at_step_6)
+    out = tmp_path / "resumed"
+    with pytest.raises(_Killed):
+        autoencoder.main(argv + ["--out", str(out)])
+    assert not out.exists() and torch.load(autoencoder.partial_path(out), weights_only=False)["step"] == 4
+    with pytest.raises(data.UsageError, match="pass --resume to continue it"):
+        autoencoder.main(argv + ["--out", str(out)])
+    with pytest.raises(data.UsageError, match="trained with --lr 0.001"):
+        autoencoder.main(argv + ["--out", str(out), "--resume", "--lr", "0.01"])
+    resumed = []
+    monkeypatch.setattr(autoencoder, "loss_terms", lambda *a, **kw: resumed.append(1) or real(*a, **kw))
+    autoencoder.main(argv + ["--out", str(out), "--resume"])
+    assert len(resumed) == 4 and not autoencoder.partial_path(out).exists()  # steps 5-8 only, then tidied away
+    a, b = (H.load_vae(str(tmp_path / d)).state_dict() for d in ("whole", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps"),
     (["--kl-weight", "-1"], "--kl-weight"),

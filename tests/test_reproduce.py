@@ -170,7 +170,7 @@ def test_image_space_vae_trains_the_glyph_vae_once_and_every_stage_reads_its_lat
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False, extra=["--image-space", "vae"])
     assert [c[0] for c in calls] == ["vae", "cache", "encoder", "train"]
     vae_argv, hargs, targs = calls[0][1], calls[1][1], calls[3][1]
-    assert vae_argv[vae_argv.index("--out") + 1] == "checkpoints/glyph-vae-quick"
+    assert vae_argv[vae_argv.index("--out") + 1] == "checkpoints/glyph-vae-quick" and "--resume" in vae_argv
     assert (hargs.image_space, hargs.vae) == (targs.image_space, targs.vae) == ("sd-vae", "checkpoints/glyph-vae-quick")
     assert targs.image_patch == 1 and targs.run == "runs/reproduce-quick-vae"  # 8x8x4 latents: 64 tokens
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False, extra=["--image-space", "vae"])
