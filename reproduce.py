@@ -173,7 +173,8 @@ def main(args):
         raise data.UsageError("--vae is the glyph VAE's folder for --image-space vae")
     if args.image_size != IMAGE_SIZE and args.image_space == "vae":
         raise data.UsageError(f"--image-size {args.image_size} runs on pixels; the glyph VAE is trained at {IMAGE_SIZE} px")
-    args.vae = args.vae or f"checkpoints/glyph-vae-{cfg.get('clip_of', args.preset)}"
+    if args.image_space == "vae":
+        args.vae = args.vae or f"checkpoints/glyph-vae-{cfg.get('clip_of', args.preset)}"
     out, runs = folders(args, cfg)
     if args.finish:
         return finish(args, cfg, out)
