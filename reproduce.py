@@ -376,7 +376,7 @@ def draw_samples(runs, depth, sigmas, w, cfg, out, args, model, extra=()):
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
         "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction,
         "--precision", args.precision] + (["--sigma", *map(str, sigmas)] if sigmas else [])
-        + list(extra)))
+        + ([] if args.top_channels is None else ["--top-channels", str(args.top_channels)]) + list(extra)))
 
 
 def given_flags(args):

@@ -40,17 +40,26 @@ CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]
 VERSION_DEFAULTS = {"model": None, "cond_path": "tokens", "text_path": "tokens", "prediction": "eps"}
 
 
+def top_channels(meta):
+    """Channels of the top latent level that a level reads or generates (None: an image level reading none)."""
+    if meta["conds"]:
+        return meta["conds"][0][0]
+    return None if meta["target_image"] else meta["target"][0]
+
+
 def read_metas(run, cond, **versions):
     """meta.json of every trained level (one with a checkpoint) in the folder ``run`` of this ``cond`` and the
     given ``versions`` (keys of VERSION_DEFAULTS, None = any): size (--model), how latent conditions enter
     (--cond-path; the top level has none), how the caption enters (--text-path; only text levels have one), what
-    the network predicts (--prediction)."""
+    the network predicts (--prediction); and ``top_channels``, the top latent level's width (--top-channels)."""
     metas = []
     for path in sorted(Path(run).glob("*/meta.json")):
         if (path.parent / "ckpt.pt").exists():
             remedy = "restore it, or delete its folder and retrain the level"
             metas.append(data.read_json(path, remedy) | {"dir": str(path.parent)})
     def fits(m, key, want):
+        if key == "top_channels":
+            return want is None or top_channels(m) in (None, want)
         return (want is None or (key == "cond_path" and not m["cond_grids"]) or (key == "text_path" and cond != "text")
                 or m.get(key, VERSION_DEFAULTS[key]) == want)
     return [m for m in metas if m.get("cond") == cond and all(fits(m, k, v) for k, v in versions.items())]
@@ -72,7 +81,7 @@ def match_levels(metas, depth, sigma=None):
         if len(match) > 1:
             raise data.UsageError(f"level {level} has {len(match)} trained versions in {Path(match[0]['dir']).parent} "
                                   f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma, --model, "
-                                  "--cond-path, --text-path or --prediction")
+                                  "--cond-path, --text-path, --prediction or --top-channels")
         found.append(match[0])
     return found
 
@@ -89,7 +98,7 @@ def find_levels(run, depth, cond, sigma=None, **versions):
     """The run folders of levels L … 1 of a depth-L model in ``run``, top-down. ``sigma`` (σ_L … σ_2, as
     train.py --sigma for the image level) picks among versions trained with different condition noise:
     level l was trained with its first L − l values; ``versions`` (read_metas) pick among versions of another
-    size, condition path, text path or prediction. When ``run`` lacks a level, the error names the folders
+    size, condition path, text path, prediction or top-level width. When ``run`` lacks a level, the error names the folders
     beside it that hold the whole model (make demo trains into runs/reproduce-quick)."""
     if sigma is not None and len(sigma) != depth - 1:
         raise data.UsageError(f"--sigma takes {depth - 1} values (σ_{depth} … σ_2, top-down) for depth {depth}")
@@ -303,7 +312,7 @@ def main(args):
     check_flags(args)
     device = torch.device(args.device)
     metas = find_levels(args.run, args.depth, args.cond, args.sigma, model=args.model, cond_path=args.cond_path,
-                        text_path=args.text_path, prediction=args.prediction)
+                        text_path=args.text_path, prediction=args.prediction, top_channels=args.top_channels)
     check_levels(args, metas)
     class_id = class_index(args.class_id, metas[0]) if args.class_id is not None else None
     weights = cfg_weights(args.cfg, args.cond, args.depth)
@@ -377,6 +386,9 @@ def get_parser():
                    help="how the levels take their conditions (train.py --cond-path), when several versions exist")
     p.add_argument("--text-path", choices=TEXT_PATHS, default=None,
                    help="how the levels take their caption (train.py --text-path), when several versions exist")
+    p.add_argument("--top-channels", type=int, default=None,
+                   help="the top latent level's channels the levels were trained with (train.py --top-channels), "
+                        "when several versions exist")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast of the denoisers (CUDA, or a CPU with native bf16 such as AMX; README, Speed)")
     p.add_argument("--prediction", choices=PREDICTIONS, default=None,

@@ -186,6 +186,10 @@ def test_top_channels_reach_every_level_and_get_their_own_folders(tmp_path, monk
     assert _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False)[-1][1].top_channels is None
     gmacs = [sum(g for *_, g in reproduce.evaluate.cost_table("XS", "glyphs", [4], top_channels=c)) for c in (None, 8)]
     assert gmacs[1] < gmacs[0]                     # narrower condition tokens: a smaller embedding of each
+    monkeypatch.setattr(reproduce.sample, "main", lambda a: a)                   # sampling picks that width too
+    args = reproduce.get_parser().parse_args(["--top-channels", "8", "--device", "cpu", "--precision", "fp32"])
+    drawn = reproduce.draw_samples(Path("r"), 4, [0, 0.5, 0.5], 0, reproduce.QUICK, Path("o"), args, "XS")
+    assert drawn.top_channels == 8
 
 
 def test_64px_glyphs_keep_64_image_tokens_in_their_own_folders(tmp_path, monkeypatch):

@@ -81,12 +81,18 @@ def test_meta_levels_are_the_levels_each_was_trained_on(run):
 
 
 def test_top_channels_bind_every_latent_level_and_resampling_reads_them(run, tmp_path):
-    """--top-channels 4: levels of 4 and 2 channels (not the 16 and 8 of the 32-d encoder), their own run folders;
-    a reference is resampled through the latents of that width."""
+    """--top-channels 4: levels of 4 and 2 channels (not the 16 and 8 of the 32-d encoder), their own run folders
+    beside the default ones, told apart by sample.py --top-channels; a reference is resampled through the latents
+    of that width."""
     runs = tmp_path / "runs"
+    shutil.copytree(run / "runs", runs)                                       # the default widths, 16 and 8
     for level, sigma in ((3, ()), (2, ("--sigma", "0")), (1, ("--sigma", "0", "0"))):
         train.train(train_args(run, level, *sigma, "--steps", "2", "--top-channels", "4", "--run-dir", str(runs)))
-    metas = sample.find_levels(runs, 3, "none")
+    with pytest.raises(data.UsageError, match="--top-channels"):
+        sample.find_levels(runs, 3, "none")
+    assert [m["key"] for m in sample.find_levels(runs, 3, "none", top_channels=16)] == \
+        [m["key"] for m in sample.find_levels(run / "runs", 3, "none")]
+    metas = sample.find_levels(runs, 3, "none", top_channels=4)
     assert [m["target"] for m in metas] == [[4, 1, 1], [2, 2, 2], [3, 16, 16]]
     assert metas[-1]["conds"] == [[4, 1, 1], [2, 2, 2]] and "z1x1c4s0+z2x2c2s0" in metas[-1]["key"]
     hier = H.locate_cache(metas[0], metas[0]["dir"])
@@ -94,7 +100,8 @@ def test_top_channels_bind_every_latent_level_and_resampling_reads_them(run, tmp
     assert hier.reduction(H.meta_levels(metas[0])[0]).kept < hier.reduction(hier.levels(3, 4)[0]).kept
     Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(tmp_path / "ref.png")
     out = np.load(sample.main(sample_args(run, "--run-dir", str(runs), "--reference", str(tmp_path / "ref.png"),
-                                          "--keep", "2", "--n", "2", "--out", str(tmp_path / "o"))))["arr_0"]
+                                          "--keep", "2", "--n", "2", "--out", str(tmp_path / "o"),
+                                          "--top-channels", "4")))["arr_0"]
     assert out.shape == (2, 16, 16, 3)
     with pytest.raises(data.UsageError, match="--top-channels must be in 1..32"):
         train.train(train_args(run, 3, "--top-channels", "33", "--run-dir", str(runs)))
