@@ -653,6 +653,7 @@ def resolve_defaults(args):
 
 def main(args):
     data.check_range("--depth", args.depth, 1)
+    data.check_range("--top-channels", args.top_channels, 1)
     resolve_defaults(args)
     start = time.time()
     hier = build_cache(args)

@@ -168,6 +168,7 @@ def main(args):
         raise data.UsageError("--defer-fid is for an unconditional preset's sampling run; --finish then scores it")
     data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
     data.check_range("--min-crop", args.min_crop, 1)
+    data.check_range("--top-channels", args.top_channels, 1)  # its upper bound, the encoder's width, comes with the cache
     resolve_encoder(args, cfg)
     if args.vae is not None and args.image_space != "vae":
         raise data.UsageError("--vae is the glyph VAE's folder for --image-space vae")

@@ -305,7 +305,8 @@ def check_flags(args):
     if args.sigma and len(args.sigma) != args.depth - args.level:
         raise data.UsageError(f"--sigma takes {args.depth - args.level} values (one per level above {args.level})")
     for flag, low in (("--steps", 1), ("--batch-size", 1), ("--log-every", 1), ("--ckpt-every", 1), ("--T", 2),
-                      ("--warmup", 0), ("--weight-decay", 0), ("--ema-every", 1), ("--sigma", 0), ("--image-patch", 1)):
+                      ("--warmup", 0), ("--weight-decay", 0), ("--ema-every", 1), ("--sigma", 0), ("--image-patch", 1),
+                      ("--top-channels", 1)):
         data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     data.check_range("--lr", args.lr, 0, strict=True)
     data.check_range("--p-uncond", args.p_uncond, 0, 1)

@@ -211,6 +211,7 @@ def test_missing_glyph_clip_is_usage_error(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--depth", "0"], "--depth must be >= 1"),
     (["--encode-batch", "0"], "--encode-batch must be >= 1"),
+    (["--top-channels", "0"], "--top-channels must be >= 1"),
     (["--data", "nope"], "unknown dataset 'nope'"),
 ])
 def test_flags_are_checked_before_the_cache(tmp_path, flags, message):

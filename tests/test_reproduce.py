@@ -277,7 +277,8 @@ def test_baseline_and_depths_flags_are_checked_before_anything_is_built(tmp_path
                           (["--preset", "quick", "--depths", "3", "4"], "--depths takes depths from 1 to 5"),
                           (["--preset", "cond", "--steps", "0"], "--steps takes a positive number"),
                           (["--preset", "quick", "--p-uncond", "1.5"], "--p-uncond"),
-                          (["--preset", "quick", "--min-crop", "0"], "--min-crop must be >= 1")):
+                          (["--preset", "quick", "--min-crop", "0"], "--min-crop must be >= 1"),
+                          (["--preset", "quick", "--top-channels", "0"], "--top-channels must be >= 1")):
         with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(argv + ["--device", "cpu"]))
     assert list(tmp_path.iterdir()) == []  # no results folder, no data, no cache

@@ -268,6 +268,7 @@ def test_ema_decay_warms_up_to_the_paper_value():
     (("--p-uncond", 1.5), "--p-uncond must be >= 0 and <= 1"),
     (("--betas", 0.9, 1.0), "--betas must each be in"),
     (("--sigma", -1, 0), "--sigma must be >= 0"),
+    (("--top-channels", 0), "--top-channels must be >= 1"),
     (("--data", "imagenett"), "unknown dataset 'imagenett'"),
 ])
 def test_flags_are_checked_before_any_cache_is_built(tmp_path, extra, message):
