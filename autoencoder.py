@@ -105,7 +105,7 @@ def load_partial(vae, opt, generator, args):
     path = partial_path(args.out)
     if not (args.resume and path.exists()):
         return 0
-    state = torch.load(path, map_location=generator.device, weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # a generator state stays on the CPU
     differ = [f"--{k.replace('_', '-')} {state['flags'][k]}" for k in RESUME_FLAGS if state["flags"][k] != getattr(args, k)]
     if differ:
         raise data.UsageError(f"{path} was trained with {', '.join(differ)}; pass those to --resume it, or delete it")
