@@ -328,6 +328,11 @@ def folders(args, cfg):
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 
 
+def top_channels_argv(args):
+    """--top-channels for train.py and sample.py when the run narrows the latent levels."""
+    return [] if args.top_channels is None else ["--top-channels", str(args.top_channels)]
+
+
 def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
     """Train (or reuse) one level of a depth-``depth`` model of mode ``cond`` with condition noise ``sigmas``."""
     steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
@@ -338,7 +343,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
         "--precision", args.precision, "--p-uncond", str(cfg["p_uncond"])]
         + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])
-        + ([] if args.top_channels is None else ["--top-channels", str(args.top_channels)])))
+        + top_channels_argv(args)))
 
 
 def reference_images(test_set, n):
@@ -377,7 +382,7 @@ def draw_samples(runs, depth, sigmas, w, cfg, out, args, model, extra=()):
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
         "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction,
         "--precision", args.precision] + (["--sigma", *map(str, sigmas)] if sigmas else [])
-        + ([] if args.top_channels is None else ["--top-channels", str(args.top_channels)]) + list(extra)))
+        + top_channels_argv(args) + list(extra)))
 
 
 def given_flags(args):

@@ -42,9 +42,8 @@ VERSION_DEFAULTS = {"model": None, "cond_path": "tokens", "text_path": "tokens",
 
 def top_channels(meta):
     """Channels of the top latent level that a level reads or generates (None: an image level reading none)."""
-    if meta["conds"]:
-        return meta["conds"][0][0]
-    return None if meta["target_image"] else meta["target"][0]
+    top = H.meta_levels(meta)[0]
+    return None if top.image else top.channels
 
 
 def read_metas(run, cond, **versions):
