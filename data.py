@@ -451,6 +451,11 @@ def evenly_spaced(total, n):
     return (np.arange(n) * total // n).tolist() if n else []
 
 
+def dataset_channels(name):
+    """Channels of the images of dataset ``name`` (one of DATASETS), without reading it: 1 for glyphs, 3 for photos."""
+    return Glyphs.channels if name == "glyphs" else _Photos.channels
+
+
 def build_dataset(name, split="train", image_size=64, data_path=None, data_dir="data", **glyph_kw):
     """The dataset called ``name`` (one of DATASETS) at ``image_size``; split is "train" or "test"."""
     if split not in ("train", "test"):

@@ -157,10 +157,12 @@ class Diffusion:
             return out
         return self._at(self.sqrt_alphas_cumprod, t, out) * out + self._at(self.sqrt_one_minus_alphas_cumprod, t, out) * x_t
 
-    def loss(self, net_fn, x0, generator=None, t=None, noise=None):
+    def loss(self, net_fn, x0, generator=None, t=None, noise=None, guide=None):
         """Paper Eq. 3 for one level: t ~ U{0..T-1}, eps ~ N(0, I), mean of (net_fn(x_t, t) - target)^2 with
         target eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 under v-prediction.
-        t and noise may be given (train.py draws them for the global batch, so DDP matches one process)."""
+        t and noise may be given (train.py draws them for the global batch, so DDP matches one process).
+        ``guide(x_t, t, out)``, given the prediction without its gradient, returns a term added to the target
+        (train.py --model-guidance; not in the paper)."""
         gen_device = x0.device if generator is None else generator.device
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)  # (B,)
@@ -168,7 +170,11 @@ class Diffusion:
             noise = _randn(x0.shape, generator, x0.device)
         target = noise if self.prediction == "eps" else \
             self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-        return F.mse_loss(net_fn(self.q_sample(x0, t, noise), t), target)
+        x_t = self.q_sample(x0, t, noise)
+        out = net_fn(x_t, t)
+        if guide is not None:
+            target = target + guide(x_t, t, out.detach())
+        return F.mse_loss(out, target)
 
     @torch.no_grad()
     def sample(self, net_fn, shape, steps=50, sampler="dpm++", eta=0.0, generator=None, x_T=None, clip=None,

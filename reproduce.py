@@ -167,6 +167,7 @@ def main(args):
     if args.defer_fid and (args.finish or cfg.get("conds")):
         raise data.UsageError("--defer-fid is for an unconditional preset's sampling run; --finish then scores it")
     data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
+    train.check_model_guidance(args.model_guidance, cfg["p_uncond"])
     data.check_range("--min-crop", args.min_crop, 1)
     data.check_range("--top-channels", args.top_channels, 1)  # its upper bound, the encoder's width, comes with the cache
     resolve_encoder(args, cfg)
@@ -225,11 +226,10 @@ def main(args):
 
     t = step("training")
     before = {p: p.stat().st_mtime for p in runs.glob("*/ckpt.pt")}
-    for depth, level, sigmas in training_plan(cfg):
-        train_level(args, cfg, runs, depth, level, sigmas, cfg["model"])
+    used = [train_level(args, cfg, runs, depth, level, sigmas, cfg["model"]) for depth, level, sigmas in training_plan(cfg)]
     if cfg.get("baseline"):  # Table 6's L = 1*: one level as large as the hierarchy, same steps and batch
-        train_level(args, cfg, runs, 1, 1, [], cfg["baseline"])
-    reused = sorted(p.parent.name for p, mtime in before.items() if p.stat().st_mtime == mtime)
+        used.append(train_level(args, cfg, runs, 1, 1, [], cfg["baseline"]))
+    reused = reused_levels(before, used)
     timings["train"] = time.time() - t
 
     t = step("sampling")
@@ -318,32 +318,44 @@ def finish(args, cfg, out):
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
     image space, the smallest crop, the top level's channels, the glyph size and p_uncond where they are not the
-    preset's, so that levels trained otherwise never share a folder."""
+    preset's, so that levels trained otherwise never share a folder. Levels trained with model guidance have keys
+    of their own (train.py) and share the run folder, where the levels with nothing to guide are the paper's; only
+    their results folder is named for it (-mg<w>)."""
     suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.image_space == "pixels" else "-vae") \
         + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
         + ("" if args.top_channels is None else f"-c{args.top_channels}") \
         + ("" if args.image_size == IMAGE_SIZE else f"-{args.image_size}px") \
         + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}")
-    return (Path(args.out or f"results/{args.preset}{suffix}"),
+    guided = f"-mg{args.model_guidance:g}" if args.model_guidance else ""
+    return (Path(args.out or f"results/{args.preset}{suffix}{guided}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 
 
-def top_channels_argv(args):
-    """--top-channels for train.py and sample.py when the run narrows the latent levels."""
-    return [] if args.top_channels is None else ["--top-channels", str(args.top_channels)]
+def version_argv(args):
+    """--top-channels and --model-guidance for train.py and sample.py, where the run narrows the latent levels or
+    trains them with model guidance (sample.py then picks those versions)."""
+    return ([] if args.top_channels is None else ["--top-channels", str(args.top_channels)]) \
+        + ["--model-guidance", f"{args.model_guidance:g}"]
 
 
 def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
-    """Train (or reuse) one level of a depth-``depth`` model of mode ``cond`` with condition noise ``sigmas``."""
+    """Train (or reuse) one level of a depth-``depth`` model of mode ``cond`` with condition noise ``sigmas``; the
+    path of its checkpoint."""
     steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
-    train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
+    return train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
         "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(image_patch(args)),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
         "--precision", args.precision, "--p-uncond", str(cfg["p_uncond"])]
         + (["--sigma", *map(str, sigmas[:depth - level])] if level < depth else [])
-        + top_channels_argv(args)))
+        + version_argv(args)))
+
+
+def reused_levels(before, used):
+    """The run folders' names of the levels this run used (``used``: checkpoint paths) that an earlier run had
+    trained (``before``: checkpoint path -> modification time before training) and this one left unchanged."""
+    return sorted({p.parent.name for p in used if p in before and p.stat().st_mtime == before[p]})
 
 
 def reference_images(test_set, n):
@@ -382,7 +394,7 @@ def draw_samples(runs, depth, sigmas, w, cfg, out, args, model, extra=()):
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
         "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction,
         "--precision", args.precision] + (["--sigma", *map(str, sigmas)] if sigmas else [])
-        + top_channels_argv(args) + list(extra)))
+        + version_argv(args) + list(extra)))
 
 
 def given_flags(args):
@@ -417,7 +429,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              + ("pixels" if args.image_space == "pixels" else f"the 8×8×4 latents of the glyph VAE {args.vae}")
              + f". Denoisers: size {cfg['model']}, "
              f"{cfg['steps']} steps per level at batch {cfg['batch']}, conditions dropped with p_uncond "
-             f"{cfg['p_uncond']:g}; DPM-Solver++(2M), {cfg['sample_steps']} steps per level. FID: {cfg['n_samples']} "
+             f"{cfg['p_uncond']:g}" + (f", model guidance w = {args.model_guidance:g}" if args.model_guidance else "")
+             + f"; DPM-Solver++(2M), {cfg['sample_steps']} steps per level. FID: {cfg['n_samples']} "
              f"samples per model against "
              f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3). σ_L … σ_2 = the paper's "
              f"unconditional schedule ({', '.join(f'{default_sigmas(d)}' for d in cfg['depths'] if d > 1)}).", "",
@@ -466,7 +479,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "oracle": [{"sigmas": list(sig), "keep": keep, "fid": fid, "mse": mse} for (sig, keep), (fid, mse) in oracle.items()],
         "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
-        "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels,
+        "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels, "model_guidance": args.model_guidance,
         "knn": knn, "reused": reused, "timings_s": timings, "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
@@ -646,6 +659,10 @@ def get_parser():
                         "(train.py --p-uncond; default: the preset's, 0.5 for full, sigma, long and gpu, else the paper's 0.1: "
                         "0.5 costs depth 4 some FID at 800 steps and keeps depth 3 ahead of depth 1 at 1,600, README); "
                         "another value than the preset's trains into its own run and results folders (-p<value>)")
+    p.add_argument("--model-guidance", type=float, default=0.0,
+                   help="train every level with conditions with model guidance w (train.py --model-guidance; not in the "
+                        "paper): the guidance is learnt, so the samples take one forward a step, unguided; results "
+                        "into results/<preset>-mg<w>, levels with nothing to guide shared with the paper's run")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
                         "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500, gpu 3000 / 3000)")

@@ -37,7 +37,7 @@ CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]
 # ----------------------------------------------------------------------------------------------------
 
 # what a level's meta.json says when it predates a version key (train.py's defaults, the paper's choices)
-VERSION_DEFAULTS = {"model": None, "cond_path": "tokens", "text_path": "tokens", "prediction": "eps"}
+VERSION_DEFAULTS = {"model": None, "cond_path": "tokens", "text_path": "tokens", "prediction": "eps", "model_guidance": 0.0}
 
 
 def top_channels(meta):
@@ -50,7 +50,8 @@ def read_metas(run, cond, **versions):
     """meta.json of every trained level (one with a checkpoint) in the folder ``run`` of this ``cond`` and the
     given ``versions`` (keys of VERSION_DEFAULTS, None = any): size (--model), how latent conditions enter
     (--cond-path; the top level has none), how the caption enters (--text-path; only text levels have one), what
-    the network predicts (--prediction); and ``top_channels``, the top latent level's width (--top-channels)."""
+    the network predicts (--prediction), the model-guidance weight it was trained with (--model-guidance; a level
+    with nothing to guide has none); and ``top_channels``, the top latent level's width (--top-channels)."""
     metas = []
     for path in sorted(Path(run).glob("*/meta.json")):
         if (path.parent / "ckpt.pt").exists():
@@ -60,6 +61,7 @@ def read_metas(run, cond, **versions):
         if key == "top_channels":
             return want is None or top_channels(m) in (None, want)
         return (want is None or (key == "cond_path" and not m["cond_grids"]) or (key == "text_path" and cond != "text")
+                or (key == "model_guidance" and not m["cond_grids"] and cond == "none")
                 or m.get(key, VERSION_DEFAULTS[key]) == want)
     return [m for m in metas if m.get("cond") == cond and all(fits(m, k, v) for k, v in versions.items())]
 
@@ -80,7 +82,7 @@ def match_levels(metas, depth, sigma=None):
         if len(match) > 1:
             raise data.UsageError(f"level {level} has {len(match)} trained versions in {Path(match[0]['dir']).parent} "
                                   f"({', '.join(Path(m['dir']).name for m in match)}); pick one with --sigma, --model, "
-                                  "--cond-path, --text-path, --prediction or --top-channels")
+                                  "--cond-path, --text-path, --prediction, --model-guidance or --top-channels")
         found.append(match[0])
     return found
 
@@ -121,12 +123,15 @@ def load_level(meta, device, use_ema=True):
     return model.to(device).eval(), Diffusion(meta["schedule"], meta["T"], meta.get("prediction", "eps"))
 
 
-def cfg_weights(cfg, cond, depth):
-    """Guidance weight of each level, top-down: one value for all, or a list (the first ``depth`` entries)."""
+def cfg_weights(cfg, cond, depth, metas=None):
+    """Guidance weight of each level, top-down: one value for all, or a list (the first ``depth`` entries).
+    Without --cfg a level trained with model guidance (``metas``) gets 0: its network is guided already."""
     w = cfg if cfg is not None else CFG_DEFAULTS[cond]
     w = w * depth if len(w) == 1 else w
     if len(w) < depth:
         raise data.UsageError(f"--cfg gives {len(w)} weights for {depth} levels; give one, or one per level top-down")
+    if cfg is None and metas:
+        w = [0.0 if m.get("model_guidance") else x for x, m in zip(w, metas)]
     return w[:depth]
 
 
@@ -206,7 +211,7 @@ def load_reference(spec, meta, image_size, n):
     """Reference images in [-1, 1]: an image file or glyph:CHAR, as a tensor (1, C, H, W); or data:NAME:SPLIT,
     as a Subset of ``n`` items spread evenly over that split, each resampled once (the hierarchy's oracle:
     how close the lower levels come to real images when the top levels are the images' own latents)."""
-    channels = meta["target"][0] if meta["image_space"] == "pixels" else (1 if meta.get("data") == "glyphs" else 3)
+    channels = meta["target"][0] if meta["image_space"] == "pixels" else data.dataset_channels(meta.get("data", "imagenet"))
     if spec.startswith("data:"):
         name, split = data.parse_data_spec(spec)  # imagenet and coco are read from data/<name>
         ds = data.build_dataset(name, split, image_size)
@@ -311,10 +316,11 @@ def main(args):
     check_flags(args)
     device = torch.device(args.device)
     metas = find_levels(args.run, args.depth, args.cond, args.sigma, model=args.model, cond_path=args.cond_path,
-                        text_path=args.text_path, prediction=args.prediction, top_channels=args.top_channels)
+                        text_path=args.text_path, prediction=args.prediction, model_guidance=args.model_guidance,
+                        top_channels=args.top_channels)
     check_levels(args, metas)
     class_id = class_index(args.class_id, metas[0]) if args.class_id is not None else None
-    weights = cfg_weights(args.cfg, args.cond, args.depth)
+    weights = cfg_weights(args.cfg, args.cond, args.depth, metas)
     levels = [(*load_level(m, device, not args.no_ema), m) for m in metas]
     finisher = load_level(finishing_level(args, metas[-1]), device, not args.no_ema)[0] if args.finish_below else None
     hier = H.locate_cache(metas[0], metas[0]["dir"], args.cache_dir)
@@ -392,6 +398,9 @@ def get_parser():
                    help="bf16 autocast of the denoisers (CUDA, or a CPU with native bf16 such as AMX; README, Speed)")
     p.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="what the levels' networks predict (train.py --prediction), when several versions exist")
+    p.add_argument("--model-guidance", type=float, default=None,
+                   help="the model-guidance weight the levels were trained with (train.py --model-guidance; 0 = "
+                        "none), when several versions exist; such levels sample with --cfg 0 unless --cfg is given")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps per level")

@@ -62,14 +62,22 @@ def level_plan(args, hier):
     return levels[k], conds, sigmas
 
 
-def level_key(target, conds, sigmas, cond, model, cond_path="tokens", text_path="tokens", prediction="eps"):
+def level_key(target, conds, sigmas, cond, model, cond_path="tokens", text_path="tokens", prediction="eps",
+              model_guidance=0.0):
     """Run-folder name: what the level generates, what it is conditioned on (with σ and, unless it is the
     paper's in-context tokens, the condition path), mode (with the text path unless it is the paper's), size,
-    and the prediction unless it is the paper's eps."""
+    the prediction unless it is the paper's eps, and the model-guidance weight unless it is 0."""
     given = "+".join(f"{c.name}s{s:g}" for c, s in zip(conds, sigmas)) or "nothing"
     path = f"-{cond_path}" if conds and cond_path != "tokens" else ""
     mode = f"{cond}-{text_path}" if cond == "text" and text_path != "tokens" else cond
-    return f"{target.name}p{target.patch}-given-{given}{path}-{mode}-{model}" + ("" if prediction == "eps" else f"-{prediction}")
+    return (f"{target.name}p{target.patch}-given-{given}{path}-{mode}-{model}" + ("" if prediction == "eps" else f"-{prediction}")
+            + (f"-mg{model_guidance:g}" if model_guidance else ""))
+
+
+def model_guidance(args, conds, cond):
+    """The level's model-guidance weight: --model-guidance for a level with something to guide (latent
+    conditions, a class or a caption), else 0, so that unconditional levels are shared with the paper's runs."""
+    return args.model_guidance if conds or cond != "none" else 0.0
 
 
 def level_meta(args, hier, target, conds, sigmas):
@@ -78,7 +86,8 @@ def level_meta(args, hier, target, conds, sigmas):
     cond_path = args.cond_path if conds else "tokens"  # the top level has no latent condition
     text_path = args.text_path if args.cond == "text" else "tokens"
     text = {"text_path": text_path} if args.cond == "text" else {}  # recorded for text runs only
-    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path, text_path, args.prediction)
+    guidance = model_guidance(args, conds, args.cond)
+    key = level_key(target, conds, sigmas, args.cond, args.model, cond_path, text_path, args.prediction, guidance)
     run = run_folder(args, key)
     return {"key": key, "level": args.level, "depth": args.depth, "target": target.shape, "patch": target.patch,
             "target_image": target.image, "conds": [c.shape for c in conds], "cond_grids": [c.grid for c in conds],
@@ -87,7 +96,8 @@ def level_meta(args, hier, target, conds, sigmas):
             "num_classes": hier.meta["num_classes"] if args.cond == "class" else 0,
             "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
             "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
-            "image_space": hier.meta["image_space"], "data": args.data, **text}
+            "image_space": hier.meta["image_space"], "data": args.data, **text,
+            **({"model_guidance": guidance} if guidance else {})}  # recorded where it is not the paper's 0
 
 
 def run_folder(args, key):
@@ -290,11 +300,22 @@ def step_draws(args, step, rank, world, x, zs, sigmas):
     return t, noise, noisy, draw.rand(x) < args.p_uncond
 
 
-def level_loss(net, diffusion, x, t, noise, conds, y, text, drop, precision):
-    """Paper Eq. 3 for one batch (forward only): ε-MSE (or v-MSE) of the denoiser given the noisy conditions."""
+def level_loss(net, diffusion, x, t, noise, conds, y, text, drop, precision, guidance=0.0):
+    """Paper Eq. 3 for one batch (forward only): ε-MSE (or v-MSE) of the denoiser given the noisy conditions.
+    With ``guidance`` w (model guidance, Tang et al. 2025, not in the paper) the target of each row that keeps
+    its conditions becomes target + w·sg(D(x_t, c) − D(x_t, ∅)): the network learns the guided prediction
+    itself, which at its fixed point is classifier-free guidance of weight w / (1 − w), and samples with one
+    forward a step. D(x_t, c) is this step's own prediction, D(x_t, ∅) one more forward without gradient."""
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def guide(xt, tt, out):
+        with torch.no_grad():
+            null = net(xt, tt, conds, y, text, torch.ones_like(drop))  # every condition replaced by its null
+        return guidance * torch.where(drop.view(-1, *[1] * (out.dim() - 1)), 0.0, out - null).float()
+
     with amp:
-        return diffusion.loss(lambda xt, tt: net(xt, tt, conds, y, text, drop), x, t=t, noise=noise)
+        return diffusion.loss(lambda xt, tt: net(xt, tt, conds, y, text, drop), x, t=t, noise=noise,
+                              guide=guide if guidance else None)
 
 
 def check_flags(args):
@@ -310,10 +331,21 @@ def check_flags(args):
         data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     data.check_range("--lr", args.lr, 0, strict=True)
     data.check_range("--p-uncond", args.p_uncond, 0, 1)
+    check_model_guidance(args.model_guidance, args.p_uncond)
     data.check_range("--ema", args.ema, 0, 1)
     if not all(0 <= b < 1 for b in args.betas):
         raise data.UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
     H.resolve_defaults(args)
+
+
+def check_model_guidance(w, p_uncond):
+    """UsageError unless 0 <= w < 1, and p_uncond > 0 where w > 0 (the nulls it guides away from are learnt from
+    the dropped rows)."""
+    if not 0 <= w < 1:
+        raise data.UsageError(f"--model-guidance must be >= 0 and < 1, got {w:g}")
+    if w and p_uncond == 0:
+        raise data.UsageError("--model-guidance needs --p-uncond above 0: the null conditions it guides away from "
+                              "are learnt from the rows whose conditions are dropped")
 
 
 def check_args(args, hier):
@@ -531,7 +563,7 @@ def train_level(args, stop, locks):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         loss = level_loss(net, diffusion, x, t, noise, noisy, y if meta["num_classes"] else None, text, drop,
-                          args.precision)
+                          args.precision, meta.get("model_guidance", 0.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         ema_update.wait()  # the previous step's EMA reads the weights that opt.step changes
@@ -592,6 +624,11 @@ def get_parser():
                    help="σ of each condition level, top-down (default: the paper's, per --cond: "
                         "none 0,0.5,0.5,1; class 0.5,0.5,1,1; text 0.5)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="probability of the null conditions (CFG)")
+    p.add_argument("--model-guidance", type=float, default=0.0,
+                   help="model guidance w in [0, 1) (Tang et al. 2025; not in the paper): each level with conditions "
+                        "learns target + w·sg(D(c) − D(∅)), classifier-free guidance of weight w/(1 − w) built into "
+                        "the network (0.45 ≈ the paper's 0.8), so it samples with --cfg 0 at one forward a step; "
+                        "costs one more forward without gradient a training step; 0 = the paper's training")
     p.add_argument("--schedule", choices=("auto",) + SCHEDULES, default="auto",
                    help="β schedule; auto = scaled_linear (paper), linear for pixel images")
     p.add_argument("--T", type=int, default=1000, help="diffusion steps")

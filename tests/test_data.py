@@ -32,6 +32,7 @@ def test_glyph_count_and_split(glyph_dir):
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32
     assert -1 <= x.min() < x.max() <= 1
     assert train.labels.min() >= 0 and train.labels.max() <= 213
+    assert data.dataset_channels("glyphs") == x.shape[0]  # known without reading the set (sample.py's references)
 
 
 def test_known_characters(glyph_dir):
@@ -117,6 +118,8 @@ def test_folder_dataset_split(tmp_path):
     train = data.build_dataset(f"folder:{tmp_path}", "train", 8)
     test = data.build_dataset(f"folder:{tmp_path}", "test", 8)
     assert (len(train), len(test)) == (24, 1)
+    assert data.dataset_channels(f"folder:{tmp_path}") == train[0][0].shape[0] == 3
+    assert data.dataset_channels("imagenet") == data.dataset_channels("coco") == 3
     assert Path(test.paths[0]).name == "19.png"
     assert len(list(test)) == 1  # iteration ends at the last image (no wrap-around past it)
     with pytest.raises(IndexError):

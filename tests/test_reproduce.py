@@ -1,5 +1,6 @@
 """reproduce.py's plan and tables: which models a preset trains, and that every FID lands in its own cell."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -192,6 +193,37 @@ def test_top_channels_reach_every_level_and_get_their_own_folders(tmp_path, monk
     assert drawn.top_channels == 8
 
 
+def test_model_guidance_reaches_every_level_and_names_the_results_folder(tmp_path, monkeypatch):
+    """--model-guidance w goes to train.py for every level (train.py keys the levels with conditions by it) and to
+    sample.py as the version to pick; the run folder is the preset's (the levels with nothing to guide are shared),
+    the results folder is its own."""
+    calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False, extra=["--model-guidance", "0.45"])
+    targs = calls[-1][1]
+    assert targs.model_guidance == 0.45 and targs.run == "runs/reproduce-quick"
+    assert (tmp_path / "results" / "quick-mg0.45").is_dir() and not (tmp_path / "results" / "quick").exists()
+    assert _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False)[-1][1].model_guidance == 0
+    monkeypatch.setattr(reproduce.sample, "main", lambda a: a)
+    args = reproduce.get_parser().parse_args(["--model-guidance", "0.45", "--device", "cpu", "--precision", "fp32"])
+    drawn = reproduce.draw_samples(Path("r"), 4, [0, 0.5, 0.5], 0, reproduce.QUICK, Path("o"), args, "XS")
+    assert drawn.model_guidance == 0.45 and drawn.cfg == [0]
+    with pytest.raises(data.UsageError, match="--model-guidance needs --p-uncond above 0"):
+        _stages(tmp_path, monkeypatch, "quick", clip_exists=True, extra=["--model-guidance", "0.45", "--p-uncond", "0"])
+
+
+def test_reused_levels_are_this_runs_levels_trained_before_it(tmp_path):
+    """Only levels this run used and found trained count as reused; other versions in a shared run folder do not."""
+    paths = {name: tmp_path / name / "ckpt.pt" for name in ("kept", "retrained", "other-version", "new")}
+    for name in ("kept", "retrained", "other-version"):
+        paths[name].parent.mkdir()
+        paths[name].write_bytes(b"0")
+    before = {p: p.stat().st_mtime for p in tmp_path.glob("*/ckpt.pt")}
+    os.utime(paths["retrained"], (before[paths["retrained"]] + 5,) * 2)   # written by this run
+    paths["new"].parent.mkdir()
+    paths["new"].write_bytes(b"0")
+    used = [paths["kept"], paths["retrained"], paths["new"], paths["kept"]]
+    assert reproduce.reused_levels(before, used) == ["kept"]
+
+
 def test_64px_glyphs_keep_64_image_tokens_in_their_own_folders(tmp_path, monkeypatch):
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False,
                     extra=["--image-size", "64", "--min-crop", "32"])
@@ -278,7 +310,8 @@ def test_baseline_and_depths_flags_are_checked_before_anything_is_built(tmp_path
                           (["--preset", "cond", "--steps", "0"], "--steps takes a positive number"),
                           (["--preset", "quick", "--p-uncond", "1.5"], "--p-uncond"),
                           (["--preset", "quick", "--min-crop", "0"], "--min-crop must be >= 1"),
-                          (["--preset", "quick", "--top-channels", "0"], "--top-channels must be >= 1")):
+                          (["--preset", "quick", "--top-channels", "0"], "--top-channels must be >= 1"),
+                          (["--preset", "quick", "--model-guidance", "1"], "--model-guidance must be >= 0 and < 1")):
         with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(argv + ["--device", "cpu"]))
     assert list(tmp_path.iterdir()) == []  # no results folder, no data, no cache

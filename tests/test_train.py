@@ -20,6 +20,8 @@ import evaluate
 import hierarchy as H
 import sample
 import train
+from denoiser import Denoiser
+from diffusion import Diffusion
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
@@ -269,6 +271,8 @@ def test_ema_decay_warms_up_to_the_paper_value():
     (("--betas", 0.9, 1.0), "--betas must each be in"),
     (("--sigma", -1, 0), "--sigma must be >= 0"),
     (("--top-channels", 0), "--top-channels must be >= 1"),
+    (("--model-guidance", 1), "--model-guidance must be >= 0 and < 1"),
+    (("--model-guidance", 0.3, "--p-uncond", 0), "--model-guidance needs --p-uncond above 0"),
     (("--data", "imagenett"), "unknown dataset 'imagenett'"),
 ])
 def test_flags_are_checked_before_any_cache_is_built(tmp_path, extra, message):
@@ -488,3 +492,54 @@ def test_conditions_command_on_a_level_without_latent_conditions(workspace, caps
     evaluate.main(evaluate.get_parser().parse_args(["conditions", str(path.parent), "--n", "8", "--device", "cpu"]))
     out = capsys.readouterr().out
     assert f"the mean training target {mean:.4f}; no latent conditions to regress from" in out and "| 999 |" in out
+
+
+def test_model_guidance_target_closed_form():
+    """train.level_loss with model guidance w is the MSE to target + w·(D(x_t, c) − D(x_t, ∅)) on the rows that keep
+    their conditions (dropped rows keep the plain target), the guide term carrying no gradient; w = 0 is the plain
+    loss to the bit."""
+    torch.manual_seed(0)
+    net = Denoiser((1, 8, 8), 4, cond_shapes=[(4, 1, 1), (2, 2, 2)], size="tiny")
+    for p in net.parameters():  # off the zero-initialised start, where every prediction is 0
+        p.data.normal_(0, 0.2)
+    d = Diffusion("linear", 1000, "v")
+    x, noise = torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8)
+    t, conds = torch.tensor([999, 700, 500, 300, 100, 0]), [torch.randn(6, 4, 1, 1), torch.randn(6, 2, 2, 2)]
+    drop = torch.tensor([True, False, False, True, False, False])
+    x_t = d.q_sample(x, t, noise)
+    out, null = net(x_t, t, conds, force_drop=drop), net(x_t, t, conds, force_drop=torch.ones(6, dtype=torch.bool))
+    target = d.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * noise - d.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * x
+    shift = 0.4 * (out - null).detach() * (~drop).view(-1, 1, 1, 1)
+    assert shift[~drop].abs().min() > 0 and torch.equal(out[drop], null[drop])
+    expected = torch.nn.functional.mse_loss(out, target + shift)
+    grads = torch.autograd.grad(expected, list(net.parameters()))
+    loss = train.level_loss(net, d, x, t, noise, conds, None, None, drop, "fp32", guidance=0.4)
+    torch.testing.assert_close(loss, expected)
+    for g, h in zip(torch.autograd.grad(loss, list(net.parameters())), grads):
+        torch.testing.assert_close(g, h)
+    plain = train.level_loss(net, d, x, t, noise, conds, None, None, drop, "fp32")
+    assert torch.equal(train.level_loss(net, d, x, t, noise, conds, None, None, drop, "fp32", guidance=0.0), plain)
+    assert torch.equal(plain, torch.nn.functional.mse_loss(out, target)) and loss != plain
+
+
+def test_model_guidance_levels_are_their_own_version(workspace):
+    """--model-guidance w: a level with conditions gets its own key (-mg<w>) and records w; a level with nothing
+    to guide (the top level) is the paper's, shared; sample.py picks the version with --model-guidance (no silent
+    pick) and samples the guided levels with no guidance unless --cfg says otherwise."""
+    top = train.train(argv(workspace, 2, 2, "--steps", 2, "--model-guidance", 0.3, run="mg"))
+    plain = train.train(argv(workspace, 1, 2, "--steps", 4, run="mg"))
+    guided = train.train(argv(workspace, 1, 2, "--steps", 4, "--model-guidance", 0.3, run="mg"))
+    assert "-mg" not in top.parent.name and guided.parent.name == plain.parent.name + "-mg0.3"
+    assert json.loads((guided.parent / "meta.json").read_text())["model_guidance"] == 0.3
+    assert "model_guidance" not in json.loads((plain.parent / "meta.json").read_text())
+    weights = [torch.load(p)["model"] for p in (guided, plain)]
+    # the zero-initialised DiT's output reads its conditions from step 3 on; from then the two targets differ
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+    with pytest.raises(data.UsageError, match="--model-guidance"):
+        sample.find_levels(workspace / "mg", 2, "none")
+    metas = sample.find_levels(workspace / "mg", 2, "none", model_guidance=0.3)
+    assert [Path(m["dir"]) for m in metas] == [top.parent, guided.parent]
+    assert [Path(m["dir"]) for m in sample.find_levels(workspace / "mg", 2, "none", model_guidance=0)] == \
+        [top.parent, plain.parent]
+    assert sample.cfg_weights(None, "none", 2, metas) == [0.8, 0.0]  # the top level has no conditions to guide
+    assert sample.cfg_weights([0.5], "none", 2, metas) == [0.5, 0.5]
