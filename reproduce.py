@@ -317,17 +317,15 @@ def finish(args, cfg, out):
 
 def folders(args, cfg):
     """(results folder, run folder) of a run: --out and --runs, else named after the preset, with the encoder, the
-    image space, the smallest crop, the top level's channels, the glyph size and p_uncond where they are not the
-    preset's, so that levels trained otherwise never share a folder. Levels trained with model guidance have keys
-    of their own (train.py) and share the run folder, where the levels with nothing to guide are the paper's; only
-    their results folder is named for it (-mg<w>)."""
+    image space, the smallest crop, the top level's channels, the glyph size, p_uncond and model guidance where they
+    are not the preset's, so that levels trained otherwise never share a folder."""
     suffix = ("" if args.encoder == "clip" else f"-{args.encoder}") + ("" if args.image_space == "pixels" else "-vae") \
         + ("" if args.min_crop == H.MIN_CROP else f"-crop{args.min_crop}") \
         + ("" if args.top_channels is None else f"-c{args.top_channels}") \
         + ("" if args.image_size == IMAGE_SIZE else f"-{args.image_size}px") \
-        + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}")
-    guided = f"-mg{args.model_guidance:g}" if args.model_guidance else ""
-    return (Path(args.out or f"results/{args.preset}{suffix}{guided}"),
+        + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}") \
+        + (f"-mg{args.model_guidance:g}" if args.model_guidance else "")
+    return (Path(args.out or f"results/{args.preset}{suffix}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 
 
@@ -661,8 +659,8 @@ def get_parser():
                         "another value than the preset's trains into its own run and results folders (-p<value>)")
     p.add_argument("--model-guidance", type=float, default=0.0,
                    help="train every level with conditions with model guidance w (train.py --model-guidance; not in the "
-                        "paper): the guidance is learnt, so the samples take one forward a step, unguided; results "
-                        "into results/<preset>-mg<w>, levels with nothing to guide shared with the paper's run")
+                        "paper): the guidance is learnt, so the samples take one forward a step, unguided; into its "
+                        "own run and results folders (-mg<w>)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
                         "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500, gpu 3000 / 3000)")

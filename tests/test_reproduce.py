@@ -195,11 +195,10 @@ def test_top_channels_reach_every_level_and_get_their_own_folders(tmp_path, monk
 
 def test_model_guidance_reaches_every_level_and_names_the_results_folder(tmp_path, monkeypatch):
     """--model-guidance w goes to train.py for every level (train.py keys the levels with conditions by it) and to
-    sample.py as the version to pick; the run folder is the preset's (the levels with nothing to guide are shared),
-    the results folder is its own."""
+    sample.py as the version to pick, and the run trains into its own run and results folders."""
     calls = _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False, extra=["--model-guidance", "0.45"])
     targs = calls[-1][1]
-    assert targs.model_guidance == 0.45 and targs.run == "runs/reproduce-quick"
+    assert targs.model_guidance == 0.45 and targs.run == "runs/reproduce-quick-mg0.45"
     assert (tmp_path / "results" / "quick-mg0.45").is_dir() and not (tmp_path / "results" / "quick").exists()
     assert _stages(tmp_path, monkeypatch, "quick", clip_exists=True, folders=False)[-1][1].model_guidance == 0
     monkeypatch.setattr(reproduce.sample, "main", lambda a: a)
