@@ -103,8 +103,10 @@ def default_sigmas(depth, cond="none"):
     return [H.sigma_for(2 ** k, cond) for k in range(depth - 1)]
 
 
-def image_patch(args):
-    """The image level's patch: 64 tokens at any glyph size (pixels: size / 8; the glyph VAE's 8×8×4 latents: 1)."""
+def glyph_image_patch(args):
+    """The glyph presets' image-level patch, passed to train.py as --image-patch: 64 tokens at any glyph size
+    (pixels: size / 8; the glyph VAE's 8×8×4 latents: 1). train.image_patch's default (H/16) is the paper's rule for
+    256 px images."""
     return args.image_size // 8 if args.image_space == "pixels" else 1
 
 
@@ -209,7 +211,7 @@ def main(args):
     t = step("latent cache")
     hargs = H.resolve_defaults(H.get_parser().parse_args(hierarchy_argv(args) + ["--depth", str(max(cfg["depths"]))]))
     hier = H.build_cache(hargs)
-    levels = hier.levels(max(cfg["depths"]), image_patch(args), args.top_channels)
+    levels = hier.levels(max(cfg["depths"]), glyph_image_patch(args), args.top_channels)
     kept = {lv.name: hier.reduction(lv).kept for lv in levels if not lv.image}
     timings["cache"] = time.time() - t
     if cfg.get("conds"):  # its results carry no KNN row
@@ -341,7 +343,7 @@ def train_level(args, cfg, runs, depth, level, sigmas, model, cond="none"):
     path of its checkpoint."""
     steps = cfg["steps"] if level == 1 else cfg["latent_steps"]
     return train.train(train.get_parser().parse_args(hierarchy_argv(args) + [
-        "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(image_patch(args)),
+        "--level", str(level), "--depth", str(depth), "--model", model, "--image-patch", str(glyph_image_patch(args)),
         "--steps", str(steps), "--batch-size", str(cfg["batch"]), "--warmup", "100", "--lr", "1e-3",
         "--ema", "0.999", "--log-every", "50", "--ckpt-every", "500", "--run-dir", str(runs), "--resume",
         "--cond-path", args.cond_path, "--cond", cond, "--text-path", args.text_path, "--prediction", args.prediction,
