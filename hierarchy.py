@@ -397,10 +397,12 @@ def _extend_cache(root, args, digest, meta, todo, need_vae, encoder, vae):
     """Encode what is missing (``todo`` grids, VAE moments) into the cache folder ``root``, whose encoder weights
     have the SHA-1 ``digest`` (weights_digest)."""
     meta_path = root / "meta.json"
+    # the datasets first: a wrong --data-path stops before any encoder or VAE is loaded (or downloaded)
+    splits = {split: data.build_dataset(args.data, split, args.image_size, args.data_path, args.data_dir)
+              for split in ("train", "test")}
     encoder = encoder or make_encoder(args)
     vae = vae or (load_vae(args.vae, args.device) if need_vae else None)
-    for split in ("train", "test"):
-        ds = data.build_dataset(args.data, split, args.image_size, args.data_path, args.data_dir)
+    for split, ds in splits.items():
         if not meta:  # labels and captions once per split
             np.save(root / f"{split}-labels.npy", np.asarray(ds.labels, dtype=np.int64))
             caps = ds.captions if ds.has_captions else [""] * len(ds)

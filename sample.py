@@ -267,6 +267,7 @@ def check_flags(args):
         raise data.UsageError("--finish-below needs a depth > 1 and a class or unconditional model (not --cond text)")
     if args.class_id is not None and args.cond != "class":
         raise data.UsageError(f"--class needs a class-conditional model (--cond class); this one is --cond {args.cond}")
+    cfg_weights(args.cfg, args.cond, args.depth)  # one weight, or one per level
     npz = output_path(args)
     if npz.exists() and not args.overwrite:
         raise data.UsageError(f"{npz} exists; pass --overwrite to replace it, or another --out")

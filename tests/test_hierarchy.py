@@ -221,6 +221,18 @@ def test_flags_are_checked_before_the_cache(tmp_path, flags, message):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("name, message", [("imagenet", "ImageNet folder .*nope/train not found"),
+                                           ("coco", "captions_train2014.json not found")])
+def test_missing_dataset_stops_before_any_model_is_loaded(tmp_path, monkeypatch, name, message):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the dataset was found")
+    monkeypatch.setattr(H, "make_encoder", no_model)
+    monkeypatch.setattr(H, "load_vae", no_model)
+    args = _args(tmp_path, name, 2, data_path=str(tmp_path / "nope"), image_space="sd-vae")
+    with pytest.raises(H.data.UsageError, match=message):
+        H.build_cache(args)
+
+
 def test_too_few_training_vectors_for_a_level(tmp_path, tiny_encoder):
     """19 training images give a 1x1 basis of rank 19 < the 32 channels of the top level: named, not a shape error."""
     hier = H.build_cache(_args(tmp_path, _folder(tmp_path, n=10), 2), encoder=tiny_encoder)

@@ -245,6 +245,11 @@ def test_bad_input(run, extra, message):
         sample.main(sample_args(run, *extra))
 
 
+def test_cfg_count_is_checked_before_any_level_is_read(run, tmp_path):
+    with pytest.raises(data.UsageError, match="2 weights for 3 levels"):
+        sample.main(sample_args(run, "--run-dir", str(tmp_path / "empty"), "--cfg", "0.1", "0.2"))
+
+
 def test_sampling_and_evaluation_do_not_import_training():
     """Checkpoint reading and model building live with the model (denoiser.py), not in train.py."""
     code = "import sys, sample, evaluate; assert 'train' not in sys.modules"
