@@ -13,6 +13,8 @@ Implements the per-level diffusion of the paper (shared/paper.md §4-§5):
   §4, "v-parameterisation"; not in the paper). The eps loss weights the x0 error by the SNR, which is ~0 near
   t = T, exactly where a level's conditions decide the sample; the v loss weights it by 1 + SNR. Samplers and
   guidance see eps either way (``to_eps``: exact and linear, so guiding v equals guiding eps).
+- Training timesteps: uniform, the paper's, or of density proportional to (t/T)^k (``skewed_timesteps``,
+  train.py --t-skew; not in the paper).
 """
 import math
 
@@ -47,6 +49,14 @@ def _randn(shape, generator, device):
     if generator is None:
         return torch.randn(shape, device=device)
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def skewed_timesteps(u, T, skew):
+    """Training timesteps of density proportional to (t/T)^skew on {0..T-1} from uniform u in [0, 1) (B,): t =
+    floor(T u^(1/(skew+1))), whose CDF is (t/T)^(skew+1). skew = 0 is the paper's uniform t; larger skews put more
+    of the training on the noisy timesteps, where a level's conditions decide its sample (train.py --t-skew; not in
+    the paper)."""
+    return (T * u ** (1.0 / (skew + 1))).long().clamp_(0, T - 1)
 
 
 def predict_x0(x_t, eps, abar_t, clip):

@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 import hierarchy as H
 from denoiser import COND_PATHS, CONDS, SIZES, TEXT_PATHS, build_model, count_params, load_checkpoint, save_checkpoint
-from diffusion import PREDICTIONS, SCHEDULES, Diffusion
+from diffusion import PREDICTIONS, SCHEDULES, Diffusion, skewed_timesteps
 
 # ----------------------------------------------------------------------------------------------------
 # What a level is: its levels, its name, its model
@@ -97,7 +97,8 @@ def level_meta(args, hier, target, conds, sigmas):
             "text_shape": None, "schedule": schedule_for(args, hier, target), "T": args.T,
             "cache": hier.root.name, "cache_rel": os.path.relpath(hier.root.resolve(), run.resolve()),
             "image_space": hier.meta["image_space"], "data": args.data, **text,
-            **({"model_guidance": guidance} if guidance else {})}  # recorded where it is not the paper's 0
+            **({"model_guidance": guidance} if guidance else {}),  # recorded where it is not the paper's 0
+            **({"t_skew": args.t_skew} if args.t_skew else {})}
 
 
 def run_folder(args, key):
@@ -295,7 +296,8 @@ def step_draws(args, step, rank, world, x, zs, sigmas):
     """(t, ε, σ-noised conditions, CFG dropout) of one step, drawn for the global batch from (seed, step) alone."""
     g = torch.Generator(x.device).manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
     draw = GlobalDraw(g, rank, world)  # the randomness of the global batch, this rank's rows
-    t, noise = draw.randint(args.T, x), draw.randn(x)
+    t = skewed_timesteps(draw.rand(x), args.T, args.t_skew) if args.t_skew else draw.randint(args.T, x)
+    noise = draw.randn(x)
     noisy = [H.noise_train(z, s, eps=draw.randn(z)) for z, s in zip(zs, sigmas)]
     return t, noise, noisy, draw.rand(x) < args.p_uncond
 
@@ -331,6 +333,7 @@ def check_flags(args):
         data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     data.check_range("--lr", args.lr, 0, strict=True)
     data.check_range("--p-uncond", args.p_uncond, 0, 1)
+    data.check_range("--t-skew", args.t_skew, 0)
     check_model_guidance(args.model_guidance, args.p_uncond)
     data.check_range("--ema", args.ema, 0, 1)
     if not all(0 <= b < 1 for b in args.betas):
@@ -361,7 +364,7 @@ def check_args(args, hier):
 # apart from the flags the level's key and its cache's name already pin down (level, depth, σ, patch, data, encoder)
 RESUME_FREE = ("steps", "log_every", "ckpt_every", "ema_every", "device", "precision", "compile", "run", "world",
                "cache_dir", "data_dir", "data_path", "encode_batch", "workers")
-RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "batch_size")
+RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "batch_size", "t_skew")
 META_FREE = ("level", "depth", "cache", "cache_rel", "resumes")  # the same level is shared by several depths
 
 
@@ -378,7 +381,7 @@ def cache_change(old_meta, meta):
 def resume_changes(state, meta, args):
     """(refused, allowed): "name old -> new" for each difference between a checkpoint and this run in what
     defines the model or its optimisation (refused), and in the settings a resumed run may change (allowed)."""
-    old_meta, old_args = state["meta"], state["args"]
+    old_meta, old_args = state["meta"], {"t_skew": 0.0, **state["args"]}  # older checkpoints drew t uniformly
     refused = [f"{k} {data.as_typed(old_meta[k])} -> {data.as_typed(meta[k])}" for k in meta
                if k in old_meta and k not in META_FREE and _plain(old_meta[k]) != _plain(meta[k])]
     cache = cache_change(old_meta, meta)
@@ -624,6 +627,9 @@ def get_parser():
                    help="σ of each condition level, top-down (default: the paper's, per --cond: "
                         "none 0,0.5,0.5,1; class 0.5,0.5,1,1; text 0.5)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="probability of the null conditions (CFG)")
+    p.add_argument("--t-skew", type=float, default=0.0,
+                   help="training timesteps drawn with density proportional to (t/T)^k (0: the paper's uniform t; "
+                        "larger k trains more on the noisy timesteps, where the conditions decide the sample)")
     p.add_argument("--model-guidance", type=float, default=0.0,
                    help="model guidance w in [0, 1) (Tang et al. 2025; not in the paper): each level with conditions "
                         "learns target + w·sg(D(c) − D(∅)), classifier-free guidance of weight w/(1 − w) built into "

@@ -8,7 +8,7 @@ import torch
 
 from data import UsageError
 from diffusion import (SCHEDULES, Diffusion, ddim_step, ddpm_step, dpm_solver_step, guided_eps, make_betas,
-                       respaced_timesteps)
+                       respaced_timesteps, skewed_timesteps)
 
 
 @pytest.fixture(autouse=True)
@@ -229,6 +229,17 @@ def test_guided_eps_closed_form():
     assert torch.equal(guided_eps(c, u, 0.0), c)
     torch.testing.assert_close(guided_eps(c, u, 1.0), 2 * c - u)
     torch.testing.assert_close(guided_eps(c, u, 0.4), torch.tensor([1.2, 1.6, -1.0]))
+
+
+@pytest.mark.parametrize("skew", [0, 1, 3])
+def test_skewed_timesteps_follow_their_closed_form_cdf(skew):
+    """P(t < s) = (s/T)^(skew+1): uniform for 0, more of the draws on noisy timesteps as skew grows."""
+    T = 1000
+    t = skewed_timesteps(torch.rand(400_000, generator=torch.Generator().manual_seed(0)), T, skew)
+    assert t.dtype == torch.long and 0 <= t.min() and t.max() <= T - 1
+    for s in (100, 500, 900):
+        assert (t < s).double().mean().item() == pytest.approx((s / T) ** (skew + 1), abs=3e-3)
+    assert t.double().mean().item() / T == pytest.approx((skew + 1) / (skew + 2), abs=3e-3)
 
 
 def test_v_prediction_target_and_its_eps_round_trip():

@@ -272,6 +272,7 @@ def test_ema_decay_warms_up_to_the_paper_value():
     (("--sigma", -1, 0), "--sigma must be >= 0"),
     (("--top-channels", 0), "--top-channels must be >= 1"),
     (("--model-guidance", 1), "--model-guidance must be >= 0 and < 1"),
+    (("--t-skew", -1), "--t-skew must be >= 0"),
     (("--model-guidance", 0.3, "--p-uncond", 0), "--model-guidance needs --p-uncond above 0"),
     (("--data", "imagenett"), "unknown dataset 'imagenett'"),
 ])
@@ -520,6 +521,31 @@ def test_model_guidance_target_closed_form():
     plain = train.level_loss(net, d, x, t, noise, conds, None, None, drop, "fp32")
     assert torch.equal(train.level_loss(net, d, x, t, noise, conds, None, None, drop, "fp32", guidance=0.0), plain)
     assert torch.equal(plain, torch.nn.functional.mse_loss(out, target)) and loss != plain
+
+
+def test_t_skew_draws_its_timesteps_and_is_fixed_for_the_run(workspace):
+    """--t-skew k: the step's t come from the same uniform draw through (t/T)^k; t_skew is recorded in meta where
+    it is not 0 and a resume may not change it (a checkpoint from before the flag counts as uniform, 0)."""
+    x, zs = torch.zeros(64, 1, 4, 4), []
+    args = argv(workspace, 1, 1, "--t-skew", 2)
+    t, *_ = train.step_draws(args, 5, 0, 1, x, zs, [])
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 5]).generate_state(1)[0]))
+    assert torch.equal(t, (1000 * torch.rand(64, generator=g) ** (1 / 3)).long())
+    args.t_skew = 0  # the paper's uniform draw, as before the flag
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 5]).generate_state(1)[0]))
+    assert torch.equal(train.step_draws(args, 5, 0, 1, x, zs, [])[0], torch.randint(0, 1000, (64,), generator=g))
+    path = train.train(argv(workspace, 1, 1, "--steps", 2, "--t-skew", 1, run="skew"))
+    assert json.loads((path.parent / "meta.json").read_text())["t_skew"] == 1
+    with pytest.raises(data.UsageError, match=re.escape("--t-skew 1.0 -> 0.0")):
+        train.train(argv(workspace, 1, 1, "--steps", 4, "--resume", run="skew"))
+    plain = train.train(argv(workspace, 1, 1, "--steps", 2, run="plain"))
+    assert "t_skew" not in json.loads((plain.parent / "meta.json").read_text())
+    state = torch.load(plain)
+    del state["args"]["t_skew"]  # a checkpoint written before the flag existed
+    torch.save(state, plain)
+    with pytest.raises(data.UsageError, match=re.escape("--t-skew 0.0 -> 1.0")):
+        train.train(argv(workspace, 1, 1, "--steps", 4, "--resume", "--t-skew", 1, run="plain"))
+    train.train(argv(workspace, 1, 1, "--steps", 4, "--resume", run="plain"))
 
 
 def test_model_guidance_levels_are_their_own_version(workspace):
