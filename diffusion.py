@@ -53,9 +53,9 @@ def _randn(shape, generator, device):
 
 def skewed_timesteps(u, T, skew):
     """Training timesteps of density proportional to (t/T)^skew on {0..T-1} from uniform u in [0, 1) (B,): t =
-    floor(T u^(1/(skew+1))), whose CDF is (t/T)^(skew+1). skew = 0 is the paper's uniform t; larger skews put more
-    of the training on the noisy timesteps, where a level's conditions decide its sample (train.py --t-skew; not in
-    the paper)."""
+    floor(T u^(1/(skew+1))), whose CDF is (t/T)^(skew+1), for skew > -1. skew = 0 is the paper's uniform t; skew > 0
+    puts more of the training on the noisy timesteps, where a level's conditions decide its sample, skew < 0 on the
+    nearly clean ones (train.py --t-skew; not in the paper)."""
     return (T * u ** (1.0 / (skew + 1))).long().clamp_(0, T - 1)
 
 

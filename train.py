@@ -333,7 +333,7 @@ def check_flags(args):
         data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
     data.check_range("--lr", args.lr, 0, strict=True)
     data.check_range("--p-uncond", args.p_uncond, 0, 1)
-    data.check_range("--t-skew", args.t_skew, 0)
+    data.check_range("--t-skew", args.t_skew, -1, strict=True)
     check_model_guidance(args.model_guidance, args.p_uncond)
     data.check_range("--ema", args.ema, 0, 1)
     if not all(0 <= b < 1 for b in args.betas):
@@ -628,8 +628,9 @@ def get_parser():
                         "none 0,0.5,0.5,1; class 0.5,0.5,1,1; text 0.5)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="probability of the null conditions (CFG)")
     p.add_argument("--t-skew", type=float, default=0.0,
-                   help="training timesteps drawn with density proportional to (t/T)^k (0: the paper's uniform t; "
-                        "larger k trains more on the noisy timesteps, where the conditions decide the sample)")
+                   help="training timesteps drawn with density proportional to (t/T)^k, k > -1 (0: the paper's uniform "
+                        "t; k > 0 trains more on the noisy timesteps, where the conditions decide the sample, k < 0 "
+                        "more on the nearly clean ones, where the drawing is finished)")
     p.add_argument("--model-guidance", type=float, default=0.0,
                    help="model guidance w in [0, 1) (Tang et al. 2025; not in the paper): each level with conditions "
                         "learns target + w·sg(D(c) − D(∅)), classifier-free guidance of weight w/(1 − w) built into "

@@ -231,9 +231,10 @@ def test_guided_eps_closed_form():
     torch.testing.assert_close(guided_eps(c, u, 0.4), torch.tensor([1.2, 1.6, -1.0]))
 
 
-@pytest.mark.parametrize("skew", [0, 1, 3])
+@pytest.mark.parametrize("skew", [-0.5, 0, 1, 3])
 def test_skewed_timesteps_follow_their_closed_form_cdf(skew):
-    """P(t < s) = (s/T)^(skew+1): uniform for 0, more of the draws on noisy timesteps as skew grows."""
+    """P(t < s) = (s/T)^(skew+1): uniform for 0, more of the draws on noisy timesteps as skew grows, on nearly
+    clean ones below 0."""
     T = 1000
     t = skewed_timesteps(torch.rand(400_000, generator=torch.Generator().manual_seed(0)), T, skew)
     assert t.dtype == torch.long and 0 <= t.min() and t.max() <= T - 1

@@ -272,7 +272,7 @@ def test_ema_decay_warms_up_to_the_paper_value():
     (("--sigma", -1, 0), "--sigma must be >= 0"),
     (("--top-channels", 0), "--top-channels must be >= 1"),
     (("--model-guidance", 1), "--model-guidance must be >= 0 and < 1"),
-    (("--t-skew", -1), "--t-skew must be >= 0"),
+    (("--t-skew", -1), "--t-skew must be > -1"),
     (("--model-guidance", 0.3, "--p-uncond", 0), "--model-guidance needs --p-uncond above 0"),
     (("--data", "imagenett"), "unknown dataset 'imagenett'"),
 ])
