@@ -365,7 +365,8 @@ def check_args(args, hier):
 RESUME_FREE = ("steps", "log_every", "ckpt_every", "ema_every", "device", "precision", "compile", "run", "world",
                "cache_dir", "data_dir", "data_path", "encode_batch", "workers")
 RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "batch_size", "t_skew")
-META_FREE = ("level", "depth", "cache", "cache_rel", "resumes")  # the same level is shared by several depths
+META_FREE = ("level", "depth", "cache", "cache_rel", "resumes",  # the same level is shared by several depths
+             "t_skew")  # compared as its flag, --t-skew (RESUME_FIXED)
 
 
 def _plain(v):
@@ -381,7 +382,8 @@ def cache_change(old_meta, meta):
 def resume_changes(state, meta, args):
     """(refused, allowed): "name old -> new" for each difference between a checkpoint and this run in what
     defines the model or its optimisation (refused), and in the settings a resumed run may change (allowed)."""
-    old_meta, old_args = state["meta"], {"t_skew": 0.0, **state["args"]}  # older checkpoints drew t uniformly
+    parser = get_parser()  # a fixed flag newer than the checkpoint: the checkpoint ran as its default does
+    old_meta, old_args = state["meta"], {k: parser.get_default(k) for k in RESUME_FIXED} | state["args"]
     refused = [f"{k} {data.as_typed(old_meta[k])} -> {data.as_typed(meta[k])}" for k in meta
                if k in old_meta and k not in META_FREE and _plain(old_meta[k]) != _plain(meta[k])]
     cache = cache_change(old_meta, meta)

@@ -528,16 +528,19 @@ def test_t_skew_draws_its_timesteps_and_is_fixed_for_the_run(workspace):
     it is not 0 and a resume may not change it (a checkpoint from before the flag counts as uniform, 0)."""
     x, zs = torch.zeros(64, 1, 4, 4), []
     args = argv(workspace, 1, 1, "--t-skew", 2)
+
+    def step_generator():  # step 5's generator, as step_draws seeds it
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 5]).generate_state(1)[0]))
     t, *_ = train.step_draws(args, 5, 0, 1, x, zs, [])
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 5]).generate_state(1)[0]))
-    assert torch.equal(t, (1000 * torch.rand(64, generator=g) ** (1 / 3)).long())
+    assert torch.equal(t, (1000 * torch.rand(64, generator=step_generator()) ** (1 / 3)).long())
     args.t_skew = 0  # the paper's uniform draw, as before the flag
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 5]).generate_state(1)[0]))
-    assert torch.equal(train.step_draws(args, 5, 0, 1, x, zs, [])[0], torch.randint(0, 1000, (64,), generator=g))
+    assert torch.equal(train.step_draws(args, 5, 0, 1, x, zs, [])[0], torch.randint(0, 1000, (64,), generator=step_generator()))
     path = train.train(argv(workspace, 1, 1, "--steps", 2, "--t-skew", 1, run="skew"))
     assert json.loads((path.parent / "meta.json").read_text())["t_skew"] == 1
     with pytest.raises(data.UsageError, match=re.escape("--t-skew 1.0 -> 0.0")):
         train.train(argv(workspace, 1, 1, "--steps", 4, "--resume", run="skew"))
+    with pytest.raises(data.UsageError, match=re.escape("trained: --t-skew 1.0 -> 2.0; pass")):  # named once
+        train.train(argv(workspace, 1, 1, "--steps", 4, "--resume", "--t-skew", 2, run="skew"))
     plain = train.train(argv(workspace, 1, 1, "--steps", 2, run="plain"))
     assert "t_skew" not in json.loads((plain.parent / "meta.json").read_text())
     state = torch.load(plain)
