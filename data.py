@@ -106,10 +106,10 @@ def save_npz(path, **arrays):
 @contextlib.contextmanager
 def folder_lock(folder, what):
     """Hold ``folder``/.lock (created with the folder if needed) for as long as the block runs, so that two
-    processes never write one folder; a second one exits with one line naming the first. A folder this
-    created and left empty is removed again."""
+    processes never write one folder; a second one exits with one line naming the first. The folders this
+    created (``folder`` and any missing parents) are removed again if left empty."""
     folder = Path(folder)
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
     with open(path, "a+") as f:
@@ -127,7 +127,10 @@ def folder_lock(folder, what):
         finally:
             if created and [p.name for p in folder.iterdir()] == [".lock"]:
                 path.unlink()
-                folder.rmdir()
+                for p in created:
+                    if any(p.iterdir()):
+                        break
+                    p.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -217,3 +217,19 @@ def test_missing_image_folder_is_named_before_any_work(tmp_path):
     data.check_dataset_name(f"folder:{tmp_path}")
     with pytest.raises(data.UsageError, match=f"image folder {tmp_path / 'nope'} not found"):
         data.check_dataset_name(f"folder:{tmp_path / 'nope'}")
+
+
+def test_folder_lock_removes_the_empty_folders_it_created(tmp_path):
+    """A failed first write (here: an error inside the lock) leaves no empty folders behind, parents included;
+    folders that existed, or that something else wrote into, stay."""
+    with pytest.raises(data.UsageError):
+        with data.folder_lock(tmp_path / "cache" / "name", "the latent cache"):
+            raise data.UsageError("stop")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
+    with data.folder_lock(tmp_path / "runs" / "a" / "level", "the run folder"):
+        (tmp_path / "runs" / "a" / "note.txt").write_text("kept")
+    assert sorted(p.name for p in (tmp_path / "runs" / "a").iterdir()) == ["note.txt"]
+    with data.folder_lock(tmp_path / "runs" / "b", "the run folder"):
+        (tmp_path / "runs" / "b" / "meta.json").write_text("{}")
+    assert (tmp_path / "runs" / "b" / "meta.json").exists()
