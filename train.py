@@ -123,18 +123,20 @@ def schedule_for(args, hier, target):
 # Checkpoints, EMA, distributed helpers
 # ----------------------------------------------------------------------------------------------------
 
-def ema_decay(decay, step):
-    """EMA decay at ``step``: min(decay, (1 + step) / (10 + step)), so that short runs are not dominated by the
-    initial weights (0.9999 after 500 steps still keeps 95% of them); long runs use ``decay`` (paper: 0.9999)."""
-    return min(decay, (1 + step) / (10 + step))
+def ema_decay(decay, step, power=8):
+    """EMA decay at ``step``: min(decay, (1 + step) / (power + 2 + step)), so that short runs are not dominated by
+    the initial weights (0.9999 after 500 steps still keeps 95% of them); long runs use ``decay`` (paper: 0.9999).
+    Until ``decay`` binds this is the power-function EMA of Karras et al. 2024 (EDM2 §3.1): the weights after step k
+    count ∝ k^power. power 8 is TensorFlow's (1 + step) / (10 + step); a lower power averages a longer tail."""
+    return min(decay, (1 + step) / (power + 2 + step))
 
 
-def ema_decay_since(decay, first, step):
+def ema_decay_since(decay, first, step, power=8):
     """The factor the every-step EMA puts on its value before step ``first`` by the end of ``step``:
     the product of ema_decay over first..step. An EMA folded in every N steps with it (``--ema-every``) keeps
     the every-step EMA's weight on everything before the window and gives the window's N steps to the latest
     weights; with N = 1 it is ema_decay itself, to the bit."""
-    return math.prod(ema_decay(decay, k) for k in range(first, step + 1))
+    return math.prod(ema_decay(decay, k, power) for k in range(first, step + 1))
 
 
 def make_optimizer(model, args, device):
@@ -336,6 +338,7 @@ def check_flags(args):
     data.check_range("--t-skew", args.t_skew, -1, strict=True)
     check_model_guidance(args.model_guidance, args.p_uncond)
     data.check_range("--ema", args.ema, 0, 1)
+    data.check_range("--ema-power", args.ema_power, -1, strict=True)
     if not all(0 <= b < 1 for b in args.betas):
         raise data.UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
     H.resolve_defaults(args)
@@ -364,7 +367,7 @@ def check_args(args, hier):
 # apart from the flags the level's key and its cache's name already pin down (level, depth, σ, patch, data, encoder)
 RESUME_FREE = ("steps", "log_every", "ckpt_every", "ema_every", "device", "precision", "compile", "run", "world",
                "cache_dir", "data_dir", "data_path", "encode_batch", "workers")
-RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "batch_size", "t_skew")
+RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "warmup", "ema", "ema_power", "batch_size", "t_skew")
 META_FREE = ("level", "depth", "cache", "cache_rel", "resumes",  # the same level is shared by several depths
              "t_skew")  # compared as its flag, --t-skew (RESUME_FIXED)
 
@@ -575,7 +578,7 @@ def train_level(args, stop, locks):
         opt.step()
         log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
         if (step + 1) % args.ema_every == 0:  # at multiples of N alone, so that a run continued with more --steps
-            ema_update.update(ema_decay_since(args.ema, ema_step, step))  # is the run made at once, to the bit; runs
+            ema_update.update(ema_decay_since(args.ema, ema_step, step, args.ema_power))  # is the run made at once, to the bit; runs
             ema_step = step + 1                                           # while the next batch goes forward (GPU)
         nan_watch.add(step, loss)
         save_now = (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps
@@ -651,6 +654,10 @@ def get_parser():
     p.add_argument("--betas", type=float, nargs=2, default=(0.99, 0.99), help="AdamW betas (COCO: 0.9 0.9)")
     p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
+    p.add_argument("--ema-power", dest="ema_power", type=float, default=8.0,
+                   help="until --ema binds, the EMA weighs the weights after step k ∝ k^p (decay (1 + k) / (p + 2 + k); "
+                        "Karras et al. 2024's power-function EMA): 8 = TensorFlow's warm-up (1 + k) / (10 + k); lower "
+                        "averages a longer tail of the run, 0 = all steps equally (> -1; not in the paper)")
     p.add_argument("--ema-every", dest="ema_every", type=int, default=8,
                    help="fold the weights into the EMA at every N-th step with the product of the N steps' decays "
                         "(1 = every step; a checkpoint's ema_step says how many steps its EMA holds). Saves N-1 of N "

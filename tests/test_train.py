@@ -254,6 +254,31 @@ def test_ema_decay_warms_up_to_the_paper_value():
     assert train.ema_decay(0.9999, 0) == pytest.approx(0.1)
     assert train.ema_decay(0.9999, 90) == pytest.approx(91 / 100)
     assert train.ema_decay(0.9999, 10**6) == 0.9999
+    assert all(train.ema_decay(0.999, k) == (1 + k) / (10 + k) for k in range(1000))  # power 8: the old rule, to the bit
+
+
+def ema_weights(power, steps):
+    """The weight each step's weights (and, first, the initial ones) have in the EMA after ``steps`` steps."""
+    weights = np.zeros(steps + 1)
+    weights[0] = 1.0
+    for k in range(steps):
+        d = train.ema_decay(0.9999, k, power)
+        weights *= d
+        weights[k + 1] += 1 - d
+    return weights
+
+
+@pytest.mark.parametrize("power", [0, 1, 2, 3])
+def test_ema_power_weighs_step_k_as_a_power_of_k(power):
+    """--ema-power p: before --ema binds, the weights after step k (0-based; k = -1: the initial weights) count
+    ∝ (k+2)(k+3)…(k+p+1), the rising factorial that is k^p to leading order (EDM2's power-function EMA); p = 0 is
+    the plain mean of the initial weights and every step's."""
+    w = ema_weights(power, 200)
+    k = np.arange(-1, 200)
+    expected = np.prod([k + 2 + i for i in range(power)], axis=0) if power else np.ones(201)
+    np.testing.assert_allclose(w, expected / expected.sum(), rtol=1e-9)
+    if power == 0:
+        np.testing.assert_allclose(w, np.full(201, 1 / 201), rtol=1e-12)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -273,6 +298,7 @@ def test_ema_decay_warms_up_to_the_paper_value():
     (("--top-channels", 0), "--top-channels must be >= 1"),
     (("--model-guidance", 1), "--model-guidance must be >= 0 and < 1"),
     (("--t-skew", -1), "--t-skew must be > -1"),
+    (("--ema-power", -1), "--ema-power must be > -1"),
     (("--model-guidance", 0.3, "--p-uncond", 0), "--model-guidance needs --p-uncond above 0"),
     (("--data", "imagenett"), "unknown dataset 'imagenett'"),
 ])
@@ -298,7 +324,7 @@ def test_resume_refuses_changes_to_the_model_or_its_optimisation(workspace):
     for extra, named in [(("--lr", 2e-3), "--lr 0.001 -> 0.002"), (("--schedule", "cosine"), "schedule scaled_linear -> cosine"),
                          (("--T", 500), "T 1000 -> 500"), (("--batch-size", 16), "--batch-size 8 -> 16"),
                          (("--p-uncond", 0.2), "p_uncond 0.1 -> 0.2"), (("--seed", 1), "--seed 0 -> 1"),
-                         (("--betas", 0.9, 0.9), "--betas 0.99 0.99 -> 0.9 0.9")]:
+                         (("--betas", 0.9, 0.9), "--betas 0.99 0.99 -> 0.9 0.9"), (("--ema-power", 2), "--ema-power 8.0 -> 2.0")]:
         with pytest.raises(data.UsageError, match=re.escape(named)):
             train.train(argv(workspace, 3, 3, "--steps", 4, "--resume", *extra, run="change"))
     with pytest.raises(data.UsageError, match=re.escape("--lr 0.001 -> 0.002; --warmup 2 -> 3")):
