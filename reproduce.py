@@ -41,7 +41,7 @@ import sample
 import train
 import train_encoder
 from denoiser import COND_PATHS, SIZES, TEXT_PATHS, native_bf16
-from diffusion import PREDICTIONS
+from diffusion import PREDICTIONS, SAMPLERS
 
 PENDING = "pending.json"  # what a --defer-fid run leaves for --finish: the sample files and everything but the FIDs
 P_UNCOND = 0.1  # the paper's condition dropout (train.py --p-uncond); full, sigma, long and gpu use 0.5
@@ -168,6 +168,7 @@ def main(args):
                               f"got {data.as_typed(args.depths)}")
     if args.defer_fid and (args.finish or cfg.get("conds")):
         raise data.UsageError("--defer-fid is for an unconditional preset's sampling run; --finish then scores it")
+    check_sampler(args, cfg)
     data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
     train.check_model_guidance(args.model_guidance, cfg["p_uncond"])
     data.check_range("--min-crop", args.min_crop, 1)
@@ -255,14 +256,14 @@ def sample_all(args, cfg, runs, out):
     to the glyphs says how much the image level takes from its conditions."""
     draw = lambda depth, sigmas, w, grids, model=cfg["model"], extra=(): str(  # noqa: E731
         draw_samples(runs, depth, sigmas, w, cfg, grids, args, model, extra))
-    fid = []
+    fid, samples_dir = [], runs / "samples" / sampler_tag(args).lstrip("-")
     for depth, sigmas in models(cfg):
         default = sigmas == default_sigmas(depth)
         for w in (0.0, CFG) if cfg.get("guided", True) and depth > 1 and default else (0.0,):
             name = f"sigma{'-'.join(f'{s:g}' for s in sigmas)}-w{w:g}"
-            grids = out if w == 0 and default else runs / "samples" / name  # the README's grids go to out
+            grids = out if w == 0 and default else samples_dir / name  # the README's grids go to out
             fid.append((depth, sigmas, w, draw(depth, sigmas, w, grids)))
-    baseline = draw(1, [], 0.0, runs / "samples" / "baseline", cfg["baseline"]) if cfg.get("baseline") else None
+    baseline = draw(1, [], 0.0, samples_dir / "baseline", cfg["baseline"]) if cfg.get("baseline") else None
     depth, oracle = max(cfg["depths"]), []
     for sigmas in [default_sigmas(depth)] + ([clean_sigmas(depth)] if cfg.get("clean") else []):
         for keep in cfg.get("oracle_keep", ()) if sigmas == default_sigmas(depth) else [depth - 1]:
@@ -327,8 +328,30 @@ def folders(args, cfg):
         + ("" if args.image_size == IMAGE_SIZE else f"-{args.image_size}px") \
         + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}") \
         + (f"-mg{args.model_guidance:g}" if args.model_guidance else "")
-    return (Path(args.out or f"results/{args.preset}{suffix}"),
+    return (Path(args.out or f"results/{args.preset}{suffix}{sampler_tag(args)}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
+
+
+def check_sampler(args, cfg):
+    """UsageError unless --eta goes with --sampler ddim (and is >= 0), and the preset is unconditional where the
+    sampler is not the paper's."""
+    data.check_range("--eta", args.eta, 0)
+    if args.eta and args.sampler != "ddim":
+        raise data.UsageError(f"--eta is DDIM's η; pass --sampler ddim with it (got --sampler {args.sampler})")
+    if args.sampler != "dpm++" and cfg.get("conds"):
+        raise data.UsageError("--sampler is for the unconditional presets; preset cond samples with DPM-Solver++")
+
+
+def sampler_tag(args):
+    """"" for the paper's sampler (DPM-Solver++), else "-ddim-eta1" and the like: the results folder of a run
+    sampled otherwise, and its samples' sub-folder in the run folder (the trained levels are the same)."""
+    return "" if args.sampler == "dpm++" else f"-{args.sampler}" + (f"-eta{args.eta:g}" if args.sampler == "ddim" else "")
+
+
+def sampler_name(args, steps):
+    """The sampler as results.md names it."""
+    return {"dpm++": "DPM-Solver++(2M)", "ddim": f"DDIM η = {args.eta:g}", "ddpm": "DDPM ancestral"}[args.sampler] \
+        + f", {steps} steps per level"
 
 
 def version_argv(args):
@@ -393,8 +416,8 @@ def draw_samples(runs, depth, sigmas, w, cfg, out, args, model, extra=()):
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
         "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction,
-        "--precision", args.precision] + (["--sigma", *map(str, sigmas)] if sigmas else [])
-        + version_argv(args) + list(extra)))
+        "--precision", args.precision, "--sampler", args.sampler, "--eta", str(args.eta)]
+        + (["--sigma", *map(str, sigmas)] if sigmas else []) + version_argv(args) + list(extra)))
 
 
 def given_flags(args):
@@ -430,7 +453,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              + f". Denoisers: size {cfg['model']}, "
              f"{cfg['steps']} steps per level at batch {cfg['batch']}, conditions dropped with p_uncond "
              f"{cfg['p_uncond']:g}" + (f", model guidance w = {args.model_guidance:g}" if args.model_guidance else "")
-             + f"; DPM-Solver++(2M), {cfg['sample_steps']} steps per level. FID: {cfg['n_samples']} "
+             + f"; {sampler_name(args, cfg['sample_steps'])}. FID: {cfg['n_samples']} "
              f"samples per model against "
              f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3). σ_L … σ_2 = the paper's "
              f"unconditional schedule ({', '.join(f'{default_sigmas(d)}' for d in cfg['depths'] if d > 1)}).", "",
@@ -480,7 +503,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels, "model_guidance": args.model_guidance,
-        "knn": knn, "reused": reused, "timings_s": timings, "machine": machine},
+        "sampler": args.sampler, "eta": args.eta, "knn": knn, "reused": reused, "timings_s": timings, "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
 
@@ -666,6 +689,13 @@ def get_parser():
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
                         "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500, gpu 3000 / 3000)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpm++",
+                   help="sample.py --sampler of every model: dpm++ (DPM-Solver++(2M), the paper's), ddim (with --eta) or "
+                        "ddpm; another than dpm++ samples the same trained levels into its own results folder "
+                        "(-ddim-eta1 …; unconditional presets)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="--sampler ddim: DDIM η (0 deterministic, 1 the DDPM posterior's noise: at the full preset every "
+                        "FID about 8-12 lower and depth 3 ahead of the 1*, README)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
     p.add_argument("--cache-dir", default="cache", help="latent caches")
     p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>; recon: quick's; "

@@ -49,11 +49,11 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
            "3.000 × depth 1." in lines                                   # the σ_2 = 0 model of the sweep
     assert [ln for ln in lines if ln.startswith("| 1* (XS+) |")][0].endswith("| 40.00 | — |")
     assert "FID ratios, no guidance: depth3/depth1 8.000, depth3/1* 2.000" in lines
-    assert "conditions dropped with p_uncond 0.5;" in lines[4]
+    assert "conditions dropped with p_uncond 0.5; DPM-Solver++(2M), 50 steps per level." in lines[4]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {(r["depth"], tuple(r["sigmas"]), r["cfg"]): r["fid"] for r in saved["fid"]} == fids and saved["p_uncond"] == 0.5
     assert saved["ratios"] == {"depth3/depth1": 8.0, "depth3/1*": 2.0} and saved["unconditional_mse"] == 0.2
-    assert "Command: `python reproduce.py --preset full --prediction eps --precision fp32` — " in lines[2] and saved["prediction"] == "eps"
+    assert "Command: `python reproduce.py --preset full --prediction eps --precision fp32` — " in lines[2] and saved["prediction"] == "eps" and saved["sampler"] == "dpm++"
 
 
 def test_cond_preset_trains_each_mode_at_its_paper_sigma():
@@ -207,6 +207,28 @@ def test_model_guidance_reaches_every_level_and_names_the_results_folder(tmp_pat
     assert drawn.model_guidance == 0.45 and drawn.cfg == [0]
     with pytest.raises(data.UsageError, match="--model-guidance needs --p-uncond above 0"):
         _stages(tmp_path, monkeypatch, "quick", clip_exists=True, extra=["--model-guidance", "0.45", "--p-uncond", "0"])
+
+
+def test_another_sampler_reaches_every_draw_and_names_the_results_folder_alone(tmp_path, monkeypatch):
+    """--sampler ddim --eta 1 samples the levels of the preset's own run folder (trained once, whatever the sampler)
+    into its own results folder and samples sub-folder; the paper's DPM-Solver++ keeps the plain names."""
+    calls = _stages(tmp_path, monkeypatch, "full", clip_exists=True, folders=False, extra=["--sampler", "ddim", "--eta", "1"])
+    assert calls[-1][1].run == "runs/reproduce-full"
+    assert (tmp_path / "results" / "full-ddim-eta1").is_dir() and not (tmp_path / "results" / "full").exists()
+    drawn = []
+    monkeypatch.setattr(reproduce.sample, "main", lambda a: drawn.append(a) or a.out)
+    for argv, tag in ((["--sampler", "ddim", "--eta", "1"], "ddim-eta1"), (["--sampler", "ddpm"], "ddpm"), ([], "")):
+        args = reproduce.get_parser().parse_args(["--preset", "full", "--device", "cpu", "--precision", "fp32"] + argv)
+        samples = reproduce.sample_all(args, reproduce.PRESETS["full"], Path("r"), Path("o"))
+        assert {(a.sampler, a.eta) for a in drawn} == {(args.sampler, args.eta)}
+        assert samples["baseline"] == str(Path("r", "samples", tag, "baseline"))
+        assert str(Path("r", "samples", tag, "sigma0-0.5-w0.8")) in [npz for *_, npz in samples["fid"]]
+        drawn.clear()
+    for argv, message in ((["--eta", "1"], "--eta is DDIM's η; pass --sampler ddim"),
+                          (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+                          (["--preset", "cond", "--sampler", "ddpm"], "--sampler is for the unconditional presets")):
+        with pytest.raises(data.UsageError, match=message):
+            reproduce.main(reproduce.get_parser().parse_args(["--device", "cpu"] + argv))
 
 
 def test_reused_levels_are_this_runs_levels_trained_before_it(tmp_path):
