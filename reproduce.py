@@ -250,7 +250,7 @@ def main(args):
 
 
 def sample_all(args, cfg, runs, out):
-    """Every model's samples (sample.py, DPM-Solver++), as .npz paths: {"fid": [(depth, σ_L … σ_2, guidance w,
+    """Every model's samples (sample.py, --sampler), as .npz paths: {"fid": [(depth, σ_L … σ_2, guidance w,
     npz)], "baseline": Table 6's 1* or None, "oracle": [(σ_L … σ_2, top levels kept, npz)]}. The oracle is the
     deepest model given the top latents of held-out glyphs; with all of them (keep = L - 1) the paired pixel error
     to the glyphs says how much the image level takes from its conditions."""
@@ -345,7 +345,9 @@ def check_sampler(args, cfg):
 def sampler_tag(args):
     """"" for the paper's sampler (DPM-Solver++), else "-ddim-eta1" and the like: the results folder of a run
     sampled otherwise, and its samples' sub-folder in the run folder (the trained levels are the same)."""
-    return "" if args.sampler == "dpm++" else f"-{args.sampler}" + (f"-eta{args.eta:g}" if args.sampler == "ddim" else "")
+    if args.sampler == "dpm++":
+        return ""
+    return f"-{args.sampler}" + (f"-eta{args.eta:g}" if args.sampler == "ddim" else "")
 
 
 def sampler_name(args, steps):
@@ -411,7 +413,7 @@ def training_plan(cfg):
 
 
 def draw_samples(runs, depth, sigmas, w, cfg, out, args, model, extra=()):
-    """The .npz of ``n_samples`` cascaded samples of one model (DPM-Solver++, guidance w)."""
+    """The .npz of ``n_samples`` cascaded samples of one model (--sampler, guidance w)."""
     return sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
@@ -503,7 +505,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels, "model_guidance": args.model_guidance,
-        "sampler": args.sampler, "eta": args.eta, "knn": knn, "reused": reused, "timings_s": timings, "machine": machine},
+        "sampler": args.sampler, "eta": args.eta, "knn": knn, "reused": reused, "timings_s": timings,
+        "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
 
