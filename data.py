@@ -128,9 +128,10 @@ def folder_lock(folder, what):
             if created and [p.name for p in folder.iterdir()] == [".lock"]:
                 path.unlink()
                 for p in created:
-                    if any(p.iterdir()):
+                    try:
+                        p.rmdir()  # fails on a folder that is not empty (another process may have written into it)
+                    except OSError:
                         break
-                    p.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
