@@ -577,9 +577,11 @@ def train_level(args, stop, locks):
         ema_update.wait()  # the previous step's EMA reads the weights that opt.step changes
         opt.step()
         log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
-        if (step + 1) % args.ema_every == 0:  # at multiples of N alone, so that a run continued with more --steps
-            ema_update.update(ema_decay_since(args.ema, ema_step, step, args.ema_power))  # is the run made at once, to the bit; runs
-            ema_step = step + 1                                           # while the next batch goes forward (GPU)
+        # the EMA at multiples of N alone, so that a run continued with more --steps is the run made at once, to the
+        # bit; it runs while the next batch goes forward (GPU)
+        if (step + 1) % args.ema_every == 0:
+            ema_update.update(ema_decay_since(args.ema, ema_step, step, args.ema_power))
+            ema_step = step + 1
         nan_watch.add(step, loss)
         save_now = (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps
         if log_now or save_now:
