@@ -333,9 +333,9 @@ def folders(args, cfg):
 
 
 def check_sampler(args, cfg):
-    """UsageError unless --eta goes with --sampler ddim (and is >= 0), and the preset is unconditional where the
-    sampler is not the paper's."""
-    data.check_range("--eta", args.eta, 0)
+    """UsageError unless --eta goes with --sampler ddim (and is in [0, 1], as Diffusion.sample takes it), and the
+    preset is unconditional where the sampler is not the paper's: before any training, not when sampling starts."""
+    data.check_range("--eta", args.eta, 0, 1)
     if args.eta and args.sampler != "ddim":
         raise data.UsageError(f"--eta is DDIM's η; pass --sampler ddim with it (got --sampler {args.sampler})")
     if args.sampler != "dpm++" and cfg.get("conds"):
@@ -697,7 +697,7 @@ def get_parser():
                         "ddpm; another than dpm++ samples the same trained levels into its own results folder "
                         "(-ddim-eta1 …; unconditional presets)")
     p.add_argument("--eta", type=float, default=0.0,
-                   help="--sampler ddim: DDIM η (0 deterministic, 1 the DDPM posterior's noise: at the full preset every "
+                   help="--sampler ddim: DDIM η in [0, 1] (0 deterministic, 1 the DDPM posterior's noise: at the full preset every "
                         "FID about 8-12 lower and depth 3 ahead of the 1*, README)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
     p.add_argument("--cache-dir", default="cache", help="latent caches")

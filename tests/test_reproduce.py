@@ -226,6 +226,7 @@ def test_another_sampler_reaches_every_draw_and_names_the_results_folder_alone(t
         drawn.clear()
     for argv, message in ((["--eta", "1"], "--eta is DDIM's η; pass --sampler ddim"),
                           (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+                          (["--sampler", "ddim", "--eta", "1.5"], "--eta must be >= 0 and <= 1"),
                           (["--preset", "cond", "--sampler", "ddpm"], "--sampler is for the unconditional presets")):
         with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(["--device", "cpu"] + argv))
