@@ -84,6 +84,9 @@ PRESETS = {
 # what the conditional preset prompts with: radicals (class mode) and definitions (text mode, each the
 # definition of glyphs of one radical: gold 金, water 水, tree 木, fire 火, fish 魚, horse 馬)
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
+# the unconditional presets' sampler: DDIM with η = 1 (the DDPM posterior's noise), not the paper's DPM-Solver++(2M);
+# at the full preset every FID 8-12 lower, depth 3 / depth 1 0.93 against 0.97 and depth 3 ahead of the 1* (README)
+PRESET_SAMPLER = ("ddim", 1.0)
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE = 32  # default glyph size: 8×8 = 64 tokens (patch 4 on pixels, 1 on the glyph VAE's 8×8×4): minutes on 2 cores
 IMAGE_SPACES = ("pixels", "vae")  # the image level: pixels, or the glyph VAE's latents (autoencoder.py)
@@ -256,7 +259,7 @@ def sample_all(args, cfg, runs, out):
     to the glyphs says how much the image level takes from its conditions."""
     draw = lambda depth, sigmas, w, grids, model=cfg["model"], extra=(): str(  # noqa: E731
         draw_samples(runs, depth, sigmas, w, cfg, grids, args, model, extra))
-    fid, samples_dir = [], runs / "samples" / sampler_tag(args).lstrip("-")
+    fid, samples_dir = [], runs / "samples" / sampler_tag(args, cfg).lstrip("-")
     for depth, sigmas in models(cfg):
         default = sigmas == default_sigmas(depth)
         for w in (0.0, CFG) if cfg.get("guided", True) and depth > 1 and default else (0.0,):
@@ -328,32 +331,44 @@ def folders(args, cfg):
         + ("" if args.image_size == IMAGE_SIZE else f"-{args.image_size}px") \
         + ("" if cfg["p_uncond"] == PRESETS[args.preset]["p_uncond"] else f"-p{cfg['p_uncond']:g}") \
         + (f"-mg{args.model_guidance:g}" if args.model_guidance else "")
-    return (Path(args.out or f"results/{args.preset}{suffix}{sampler_tag(args)}"),
+    return (Path(args.out or f"results/{args.preset}{suffix}{sampler_tag(args, cfg)}"),
             Path(args.runs or f"runs/reproduce-{cfg.get('runs_of', args.preset)}{suffix}"))
 
 
 def check_sampler(args, cfg):
-    """UsageError unless --eta goes with --sampler ddim (and is in [0, 1], as Diffusion.sample takes it), and the
-    preset is unconditional where the sampler is not the paper's: before any training, not when sampling starts."""
-    data.check_range("--eta", args.eta, 0, 1)
-    if args.eta and args.sampler != "ddim":
-        raise data.UsageError(f"--eta is DDIM's η; pass --sampler ddim with it (got --sampler {args.sampler})")
-    if args.sampler != "dpm++" and cfg.get("conds"):
+    """UsageError unless --eta goes with ddim (and is in [0, 1], as Diffusion.sample takes it), and the preset is
+    unconditional where the sampler is not DPM-Solver++: before any training, not when sampling starts."""
+    if args.eta is not None:
+        data.check_range("--eta", args.eta, 0, 1)
+    if cfg.get("conds") and args.sampler not in (None, "dpm++"):
         raise data.UsageError("--sampler is for the unconditional presets; preset cond samples with DPM-Solver++")
+    if args.eta is not None and sampler_of(args, cfg)[0] != "ddim":
+        raise data.UsageError(f"--eta is DDIM's η; pass --sampler ddim with it (got --sampler {args.sampler or 'dpm++'})")
 
 
-def sampler_tag(args):
-    """"" for the paper's sampler (DPM-Solver++), else "-ddim-eta1" and the like: the results folder of a run
+def preset_sampler(cfg):
+    """(sampler, η) a preset samples with: PRESET_SAMPLER, or DPM-Solver++ for preset cond."""
+    return ("dpm++", 0.0) if cfg.get("conds") else PRESET_SAMPLER
+
+
+def sampler_of(args, cfg):
+    """(sampler, η) of a run: --sampler and --eta, else the preset's (η only for DDIM)."""
+    sampler = args.sampler or preset_sampler(cfg)[0]
+    return sampler, ((PRESET_SAMPLER[1] if args.eta is None else args.eta) if sampler == "ddim" else 0.0)
+
+
+def sampler_tag(args, cfg):
+    """"" for the preset's own sampler, else "-dpm++", "-ddim-eta0.5" and the like: the results folder of a run
     sampled otherwise, and its samples' sub-folder in the run folder (the trained levels are the same)."""
-    if args.sampler == "dpm++":
-        return ""
-    return f"-{args.sampler}" + (f"-eta{args.eta:g}" if args.sampler == "ddim" else "")
+    sampler, eta = sampler_of(args, cfg)
+    return "" if (sampler, eta) == preset_sampler(cfg) else f"-{sampler}" + (f"-eta{eta:g}" if sampler == "ddim" else "")
 
 
-def sampler_name(args, steps):
+def sampler_name(args, cfg):
     """The sampler as results.md names it."""
-    return {"dpm++": "DPM-Solver++(2M)", "ddim": f"DDIM η = {args.eta:g}", "ddpm": "DDPM ancestral"}[args.sampler] \
-        + f", {steps} steps per level"
+    sampler, eta = sampler_of(args, cfg)
+    return {"dpm++": "DPM-Solver++(2M)", "ddim": f"DDIM η = {eta:g}", "ddpm": "DDPM ancestral"}[sampler] \
+        + f", {cfg['sample_steps']} steps per level"
 
 
 def version_argv(args):
@@ -414,11 +429,12 @@ def training_plan(cfg):
 
 def draw_samples(runs, depth, sigmas, w, cfg, out, args, model, extra=()):
     """The .npz of ``n_samples`` cascaded samples of one model (--sampler, guidance w)."""
+    sampler, eta = sampler_of(args, cfg)
     return sample.main(sample.get_parser().parse_args([
         "--depth", str(depth), "--run-dir", str(runs), "--n", str(cfg["n_samples"]), "--batch", "128",
         "--steps", str(cfg["sample_steps"]), "--cfg", str(w), "--out", str(out), "--device", args.device,
         "--overwrite", "--model", model, "--cond-path", args.cond_path, "--prediction", args.prediction,
-        "--precision", args.precision, "--sampler", args.sampler, "--eta", str(args.eta)]
+        "--precision", args.precision, "--sampler", sampler, "--eta", str(eta)]
         + (["--sigma", *map(str, sigmas)] if sigmas else []) + version_argv(args) + list(extra)))
 
 
@@ -455,7 +471,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
              + f". Denoisers: size {cfg['model']}, "
              f"{cfg['steps']} steps per level at batch {cfg['batch']}, conditions dropped with p_uncond "
              f"{cfg['p_uncond']:g}" + (f", model guidance w = {args.model_guidance:g}" if args.model_guidance else "")
-             + f"; {sampler_name(args, cfg['sample_steps'])}. FID: {cfg['n_samples']} "
+             + f"; {sampler_name(args, cfg)}. FID: {cfg['n_samples']} "
              f"samples per model against "
              f"{cfg['fid_ref'] or n_test} held-out glyphs (FID Inception, pool3). σ_L … σ_2 = the paper's "
              f"unconditional schedule ({', '.join(f'{default_sigmas(d)}' for d in cfg['depths'] if d > 1)}).", "",
@@ -505,7 +521,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels, "model_guidance": args.model_guidance,
-        "sampler": args.sampler, "eta": args.eta, "knn": knn, "reused": reused, "timings_s": timings,
+        "sampler": sampler_of(args, cfg)[0], "eta": sampler_of(args, cfg)[1], "knn": knn, "reused": reused, "timings_s": timings,
         "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
@@ -692,13 +708,13 @@ def get_parser():
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every level instead of the preset's (image / latent levels: quick 800 / 800, "
                         "full 1000 / 1000, long 2000 / 1000, quick-long 1600 / 800, cond 2500 / 2500, gpu 3000 / 3000)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpm++",
-                   help="sample.py --sampler of every model: dpm++ (DPM-Solver++(2M), the paper's), ddim (with --eta) or "
-                        "ddpm; another than dpm++ samples the same trained levels into its own results folder "
-                        "(-ddim-eta1 …; unconditional presets)")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="--sampler ddim: DDIM η in [0, 1] (0 deterministic, 1 the DDPM posterior's noise: at the full preset every "
-                        "FID about 8-12 lower and depth 3 ahead of the 1*, README)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="sample.py --sampler of every model (default: ddim with --eta 1, the unconditional presets' "
+                        "choice, README; preset cond: dpm++ and only dpm++): dpm++ (DPM-Solver++(2M), the paper's), ddim "
+                        "or ddpm; another than the preset's samples the same trained levels into its own results "
+                        "folder (-dpm++, -ddim-eta0.5 …)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="--sampler ddim: DDIM η in [0, 1] (default 1, the DDPM posterior's noise; 0 deterministic)")
     p.add_argument("--data-dir", default="data", help="glyph dataset cache")
     p.add_argument("--cache-dir", default="cache", help="latent caches")
     p.add_argument("--runs", default=None, help="trained levels (default: runs/reproduce-<preset>; recon: quick's; "

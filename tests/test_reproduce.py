@@ -49,11 +49,11 @@ def test_results_tables_put_each_fid_in_its_cell(tmp_path):
            "3.000 × depth 1." in lines                                   # the σ_2 = 0 model of the sweep
     assert [ln for ln in lines if ln.startswith("| 1* (XS+) |")][0].endswith("| 40.00 | — |")
     assert "FID ratios, no guidance: depth3/depth1 8.000, depth3/1* 2.000" in lines
-    assert "conditions dropped with p_uncond 0.5; DPM-Solver++(2M), 50 steps per level." in lines[4]
+    assert "conditions dropped with p_uncond 0.5; DDIM η = 1, 50 steps per level." in lines[4]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {(r["depth"], tuple(r["sigmas"]), r["cfg"]): r["fid"] for r in saved["fid"]} == fids and saved["p_uncond"] == 0.5
     assert saved["ratios"] == {"depth3/depth1": 8.0, "depth3/1*": 2.0} and saved["unconditional_mse"] == 0.2
-    assert "Command: `python reproduce.py --preset full --prediction eps --precision fp32` — " in lines[2] and saved["prediction"] == "eps" and saved["sampler"] == "dpm++"
+    assert "Command: `python reproduce.py --preset full --prediction eps --precision fp32` — " in lines[2] and saved["prediction"] == "eps" and (saved["sampler"], saved["eta"]) == ("ddim", 1.0)
 
 
 def test_cond_preset_trains_each_mode_at_its_paper_sigma():
@@ -210,24 +210,30 @@ def test_model_guidance_reaches_every_level_and_names_the_results_folder(tmp_pat
 
 
 def test_another_sampler_reaches_every_draw_and_names_the_results_folder_alone(tmp_path, monkeypatch):
-    """--sampler ddim --eta 1 samples the levels of the preset's own run folder (trained once, whatever the sampler)
-    into its own results folder and samples sub-folder; the paper's DPM-Solver++ keeps the plain names."""
-    calls = _stages(tmp_path, monkeypatch, "full", clip_exists=True, folders=False, extra=["--sampler", "ddim", "--eta", "1"])
+    """--sampler dpm++ samples the levels of the preset's own run folder (trained once, whatever the sampler) into
+    its own results folder and samples sub-folder; the presets' DDIM η = 1 keeps the plain names, and preset cond
+    keeps DPM-Solver++ as its own."""
+    calls = _stages(tmp_path, monkeypatch, "full", clip_exists=True, folders=False, extra=["--sampler", "dpm++"])
     assert calls[-1][1].run == "runs/reproduce-full"
-    assert (tmp_path / "results" / "full-ddim-eta1").is_dir() and not (tmp_path / "results" / "full").exists()
-    drawn = []
+    assert (tmp_path / "results" / "full-dpm++").is_dir() and not (tmp_path / "results" / "full").exists()
+    drawn, cfg = [], reproduce.PRESETS["full"]
     monkeypatch.setattr(reproduce.sample, "main", lambda a: drawn.append(a) or a.out)
-    for argv, tag in ((["--sampler", "ddim", "--eta", "1"], "ddim-eta1"), (["--sampler", "ddpm"], "ddpm"), ([], "")):
+    for argv, sampler, tag in (([], ("ddim", 1.0), ""), (["--sampler", "ddim"], ("ddim", 1.0), ""),
+                               (["--eta", "0.5"], ("ddim", 0.5), "ddim-eta0.5"),
+                               (["--sampler", "dpm++"], ("dpm++", 0.0), "dpm++"), (["--sampler", "ddpm"], ("ddpm", 0.0), "ddpm")):
         args = reproduce.get_parser().parse_args(["--preset", "full", "--device", "cpu", "--precision", "fp32"] + argv)
-        samples = reproduce.sample_all(args, reproduce.PRESETS["full"], Path("r"), Path("o"))
-        assert {(a.sampler, a.eta) for a in drawn} == {(args.sampler, args.eta)}
+        samples = reproduce.sample_all(args, cfg, Path("r"), Path("o"))
+        assert {(a.sampler, a.eta) for a in drawn} == {sampler}
         assert samples["baseline"] == str(Path("r", "samples", tag, "baseline"))
         assert str(Path("r", "samples", tag, "sigma0-0.5-w0.8")) in [npz for *_, npz in samples["fid"]]
         drawn.clear()
-    for argv, message in ((["--eta", "1"], "--eta is DDIM's η; pass --sampler ddim"),
-                          (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+    args, cond = reproduce.get_parser().parse_args(["--preset", "cond"]), reproduce.PRESETS["cond"]
+    assert reproduce.sampler_of(args, cond) == ("dpm++", 0.0) and reproduce.sampler_tag(args, cond) == ""
+    for argv, message in ((["--sampler", "dpm++", "--eta", "1"], "--eta is DDIM's η; pass --sampler ddim"),
+                          (["--eta", "-1"], "--eta must be >= 0"),
                           (["--sampler", "ddim", "--eta", "1.5"], "--eta must be >= 0 and <= 1"),
-                          (["--preset", "cond", "--sampler", "ddpm"], "--sampler is for the unconditional presets")):
+                          (["--preset", "cond", "--sampler", "ddpm"], "--sampler is for the unconditional presets"),
+                          (["--preset", "cond", "--eta", "1"], "--eta is DDIM's η")):
         with pytest.raises(data.UsageError, match=message):
             reproduce.main(reproduce.get_parser().parse_args(["--device", "cpu"] + argv))
 
