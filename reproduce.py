@@ -2,15 +2,16 @@
 
 glyph data -> glyph CLIP (the offline stand-in for the paper's pretrained encoder) -> latent cache ->
 every level of each depth (levels shared between depths are trained once, as in paper §4.1) ->
-cascaded sampling -> FID against the held-out glyphs, without and with guidance (Table 1's two column
-groups; the quick preset leaves guidance out to stay under 20 minutes) -> ``results/<preset>/results.md``
+cascaded sampling (DDIM with η = 1 in the unconditional presets, not the paper's DPM-Solver++: README) -> FID
+against the held-out glyphs, without and with guidance (Table 1's two column groups; the quick preset leaves
+guidance out to stay under 20 minutes) -> ``results/<preset>/results.md``
 and sample grids. The full preset adds Table 6's 1* baseline and an oracle row: the deepest model with its top
 latents taken from held-out glyphs; the sigma preset, on its levels, Table 1's σ_2 sweep (the image level retrained
 with σ_2 ∈ {0, 0.5, 1}, the upper σ at the paper's unconditional values).
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
-    python reproduce.py --preset quick     # depths 1 and 4, ~17 min on 2 CPU cores (make demo; README)
+    python reproduce.py --preset quick     # depths 1 and 4, ~18 min on 2 CPU cores (make demo; README)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset sigma     # after full: Table 1's σ_2 sweep on its levels
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
@@ -521,7 +522,8 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels, "model_guidance": args.model_guidance,
-        "sampler": sampler_of(args, cfg)[0], "eta": sampler_of(args, cfg)[1], "knn": knn, "reused": reused, "timings_s": timings,
+        "sampler": sampler_of(args, cfg)[0], "eta": sampler_of(args, cfg)[1], "knn": knn, "reused": reused,
+        "timings_s": timings,
         "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
