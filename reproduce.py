@@ -86,7 +86,7 @@ PRESETS = {
 # definition of glyphs of one radical: gold 金, water 水, tree 木, fire 火, fish 魚, horse 馬)
 PROMPTS = {"class": ("金", "水", "木", "口", "艸", "鳥"), "text": ("gold", "water", "tree", "fire", "fish", "horse")}
 # the unconditional presets' sampler: DDIM with η = 1 (the DDPM posterior's noise), not the paper's DPM-Solver++(2M);
-# at the full preset every FID 8-12 lower, depth 3 / depth 1 0.93 against 0.97 and depth 3 ahead of the 1* (README)
+# at the full preset every FID 8-14 lower, depth 3 / depth 1 0.93 against 0.97 and depth 3 ahead of the 1* (README)
 PRESET_SAMPLER = ("ddim", 1.0)
 CFG = 0.8  # the paper's unconditional guidance weight (constant over levels), with γ = 0.3 condition noise
 IMAGE_SIZE = 32  # default glyph size: 8×8 = 64 tokens (patch 4 on pixels, 1 on the glyph VAE's 8×8×4): minutes on 2 cores
