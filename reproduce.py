@@ -244,8 +244,9 @@ def main(args):
     timings["sample"] = time.time() - t
     state = {"precision": args.precision, "n_train": len(train_set), "n_test": len(test_set), "knn": knn,
              "kept": kept, "reused": reused, "timings": timings, "wall_s": time.time() - started, "samples": samples}
-    if args.defer_fid:  # what ran where, for results.md
-        state |= {"command": command_line(args), "machine": evaluate.machine(args.device)}
+    if args.defer_fid:  # what ran where, for results.md, and the sampler --finish must be given again
+        state |= {"command": command_line(args), "machine": evaluate.machine(args.device),
+                  "sampler": sampler_of(args, cfg)}
         (out / PENDING).write_text(json.dumps(state, indent=1))
         print(f"\nsamples written, FID deferred: {out / PENDING} lists them; score them (on any machine, with the "
               f"samples at the same paths) with\n  {command_line(args).replace(' --defer-fid', '')} --finish")
@@ -316,6 +317,10 @@ def finish(args, cfg, out):
     missing = [npz for npz in sample_files(state["samples"]) if not Path(npz).exists()]
     if missing:
         raise data.UsageError(f"--finish: {len(missing)} sample files of {pending} not found, e.g. {missing[0]}")
+    drawn = tuple(state.get("sampler", ("dpm++", 0.0)))  # a run without the key sampled with DPM-Solver++, then the default
+    if drawn != sampler_of(args, cfg):
+        raise data.UsageError(f"--finish: the samples of {pending} were drawn with --sampler {drawn[0]}"
+                              + (f" --eta {drawn[1]:g}" if drawn[0] == "ddim" else "") + "; pass the same")
     args.precision = state["precision"]
     test_set = data.build_dataset("glyphs", "test", args.image_size, data_dir=args.data_dir)
     state["machine"] += f"; FID afterwards (--finish) on {evaluate.machine(args.device)}"

@@ -446,6 +446,12 @@ def test_defer_fid_lists_the_samples_and_finish_scores_them_into_the_same_result
     assert "Command: `python reproduce.py --preset gpu --clip " in lines[2] and "--defer-fid` — machine:" in lines[2]
     assert "| 1* (S+) |" in "\n".join(lines)
 
+    with pytest.raises(data.UsageError, match="drawn with --sampler ddim --eta 1; pass the same"):
+        reproduce.main(reproduce.get_parser().parse_args(argv + ["--finish", "--eta", "0.5", "--out", str(out)]))
+    legacy = {k: v for k, v in pending.items() if k != "sampler"}  # from before the presets' DDIM: DPM-Solver++
+    (out / "pending.json").write_text(json.dumps(legacy))
+    with pytest.raises(data.UsageError, match="drawn with --sampler dpm\\+\\+; pass the same"):
+        reproduce.main(reproduce.get_parser().parse_args(argv + ["--finish"]))
     (calls["sampled"][2]).unlink()
     with pytest.raises(data.UsageError, match="1 sample files of .* not found"):
         reproduce.main(reproduce.get_parser().parse_args(argv + ["--finish"]))
