@@ -317,7 +317,7 @@ def finish(args, cfg, out):
     missing = [npz for npz in sample_files(state["samples"]) if not Path(npz).exists()]
     if missing:
         raise data.UsageError(f"--finish: {len(missing)} sample files of {pending} not found, e.g. {missing[0]}")
-    drawn = tuple(state.get("sampler", ("dpm++", 0.0)))  # a run without the key sampled with DPM-Solver++, then the default
+    drawn = tuple(state.get("sampler", ("dpm++", 0.0)))  # a run without the key: DPM-Solver++, the default then
     if drawn != sampler_of(args, cfg):
         raise data.UsageError(f"--finish: the samples of {pending} were drawn with --sampler {drawn[0]}"
                               + (f" --eta {drawn[1]:g}" if drawn[0] == "ddim" else "") + "; pass the same")
