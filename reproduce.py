@@ -348,8 +348,9 @@ def check_sampler(args, cfg):
         data.check_range("--eta", args.eta, 0, 1)
     if cfg.get("conds") and args.sampler not in (None, "dpm++"):
         raise data.UsageError("--sampler is for the unconditional presets; preset cond samples with DPM-Solver++")
-    if args.eta is not None and sampler_of(args, cfg)[0] != "ddim":
-        raise data.UsageError(f"--eta is DDIM's η; pass --sampler ddim with it (got --sampler {args.sampler or 'dpm++'})")
+    sampler = sampler_of(args, cfg)[0]
+    if args.eta is not None and sampler != "ddim":
+        raise data.UsageError(f"--eta is DDIM's η; pass --sampler ddim with it (got --sampler {sampler})")
 
 
 def preset_sampler(cfg):
@@ -528,8 +529,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels, "model_guidance": args.model_guidance,
         "sampler": sampler_of(args, cfg)[0], "eta": sampler_of(args, cfg)[1], "knn": knn, "reused": reused,
-        "timings_s": timings,
-        "machine": machine},
+        "timings_s": timings, "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
 
