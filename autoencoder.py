@@ -183,7 +183,7 @@ def main(argv):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--data", default="glyphs", help=f"dataset whose training split it learns: {', '.join(data.DATASETS)}")
     p.add_argument("--data-dir", default="data", help="where the glyph dataset cache lives")
     p.add_argument("--image-size", type=int, default=32, help="image size in pixels")

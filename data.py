@@ -46,6 +46,15 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except a default of None: that flag's help says what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def run_main(main, args):
     """Run a script's ``main(args)``: a UsageError becomes one line on stderr and exit code 2; an OSError (a
     read-only folder, a full disk) one line and exit code 1; Ctrl-C one line and exit code 130."""
@@ -519,7 +528,7 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", default="glyphs", help=f"dataset: {', '.join(DATASETS)}")
     p.add_argument("--data-path", default=None, help="root of imagenet (train/, val/) or coco (train2014/, annotations/)")
     p.add_argument("--data-dir", default="data", help="where the glyph cache is written")

@@ -674,11 +674,11 @@ def machine(device="cpu"):
 # ----------------------------------------------------------------------------------------------------
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fid", help="FID between two image sets or their statistics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     for name in ("a", "b"):
         f.add_argument(name, help="samples .npz (arr_0 uint8 N×H×W[×C]), statistics .npz (mu, sigma) "
                                   "or data:NAME[:SPLIT] (e.g. data:glyphs:test; split defaults to train)")
@@ -694,7 +694,7 @@ def get_parser():
     f.set_defaults(func=run_fid)
 
     k = sub.add_parser("knn", help="KNN top-1/top-5 accuracy of features (paper §6.1, K = 20)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     k.add_argument("--train", help=".npz with feats (N, D) and labels (N,) of the training set")
     k.add_argument("--test", help=".npz with feats (N, D) and labels (N,) to classify")
     k.add_argument("--cache", help="instead: a latent cache folder (hierarchy.py); scores each latent level")
@@ -705,7 +705,7 @@ def get_parser():
     k.set_defaults(func=lambda a: run_knn_levels(a) if a.cache else run_knn(a))
 
     a = sub.add_parser("adherence", help="share of glyph samples whose radical is the prompted one",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     a.add_argument("samples", help="samples .npz (arr_0 uint8 N×H×W[×C]) of a class- or text-conditional glyph model")
     a.add_argument("--class", dest="class_id", default=None, help="the prompted radical (金) or its Kangxi number (167)")
     a.add_argument("--prompt", default=None,
@@ -717,7 +717,7 @@ def get_parser():
     a.set_defaults(func=run_adherence)
 
     u = sub.add_parser("conditions", help="does a trained level use its conditions? x0 error given true, shuffled, null",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     u.add_argument("level_dir", help="a trained level's run folder (holding meta.json and ckpt.pt)")
     u.add_argument("--n", type=int, default=512, help="items, evenly spaced over the split")
     u.add_argument("--split", choices=("test", "train"), default="test",
@@ -727,7 +727,7 @@ def get_parser():
     u.set_defaults(func=run_conditions)
 
     i = sub.add_parser("ink", help="ink share and speckle (isolated ink pixels) of glyph samples or a glyph split",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     i.add_argument("images", nargs="+", help="samples .npz (arr_0 uint8 N×H×W[×C]) or data:NAME[:SPLIT]")
     i.add_argument("--image-size", type=int, default=32, help="resolution of data: sets")
     i.add_argument("--data-dir", default="data", help="where the glyph cache lives")
@@ -737,7 +737,7 @@ def get_parser():
 
     r = sub.add_parser("probe", help="what FID on glyphs responds to: real, speckled and scrambled training glyphs "
                                      "(and any samples) against the held-out glyphs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     r.add_argument("samples", nargs="*", help="samples .npz files to score in the same table")
     r.add_argument("--n", type=int, default=500, help="training glyphs per altered set, evenly spaced")
     r.add_argument("--image-size", type=int, default=32, help="glyph resolution")
@@ -748,7 +748,7 @@ def get_parser():
     r.set_defaults(func=run_probe)
 
     c = sub.add_parser("flops", help="parameters and forward GMACs per depth (paper Table 6)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     c.add_argument("--model", default="B", help="denoiser size (B = the paper's width 768, depth 12)")
     c.add_argument("--layout", choices=list(LAYOUTS), default="imagenet", help="level shapes")
     c.add_argument("--levels", action="store_true", help="also print every level")

@@ -672,7 +672,7 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     add_hierarchy_args(p)
     p.add_argument("--depth", type=int, default=5, help="number of levels L (the paper's main model: 5)")
     p.add_argument("--top-channels", type=int, default=None, help=TOP_CHANNELS_HELP)

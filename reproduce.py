@@ -659,7 +659,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
                    help="quick: ~17 min demo, depths 1 and 4; full: depths 1-3, guidance, oracle and the 1* baseline; sigma: "
                         "Table 1's σ_2 sweep and the clean (σ = 0) depth 3 on full's levels; long: full's "

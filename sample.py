@@ -256,9 +256,10 @@ def save_labelled_grid(images, path, label):
 
 def check_flags(args):
     """The checks that need no trained level: they run before anything is loaded."""
-    for flag, low in (("--depth", 1), ("--n", 1), ("--batch", 1), ("--steps", 1), ("--eta", 0), ("--gamma", 0),
+    for flag, low in (("--depth", 1), ("--n", 1), ("--batch", 1), ("--steps", 1), ("--gamma", 0),
                       ("--finish-below", 0)):
         data.check_range(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    data.check_range("--eta", args.eta, 0, 1)  # as Diffusion.sample takes it
     if args.reference and not 0 <= args.keep < args.depth:
         raise data.UsageError(f"--keep takes 0..{args.depth - 1} (the number of top latent levels kept)")
     if args.prompt is not None and args.cond != "text":
@@ -379,7 +380,7 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--depth", type=int, default=5, help="number of levels L")
     p.add_argument("--run-dir", "--run", dest="run", default="runs/glyphs", help="folder of trained levels (train.py --run-dir)")
     p.add_argument("--cache-dir", default="cache",
@@ -407,7 +408,8 @@ def get_parser():
     p.add_argument("--steps", type=int, default=50, help="sampling steps per level")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm++",
                    help="DPM-Solver++(2M) (Lu et al. 2022, the paper's), DDIM (Song et al. Eq. 12) or DDPM ancestral")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="--sampler ddim: DDIM η in [0, 1] (0: deterministic; 1: the DDPM posterior's noise)")
     p.add_argument("--cfg", type=float, nargs="+", default=None,
                    help="guidance weight, one for all levels or one per level top-down "
                         "(default: none 0.8; class 0.5 0.4 0.3 0.2 0.1; text 1.0); 0 = no guidance")

@@ -614,7 +614,7 @@ def train_level(args, stop, locks):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     H.add_hierarchy_args(p)
     p.add_argument("--level", type=int, required=True, help="level to train: 1 = image, --depth = top")
     p.add_argument("--depth", type=int, default=5, help="number of levels L (the paper's main model: 5)")

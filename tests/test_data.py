@@ -1,4 +1,6 @@
 """Datasets: glyph set contents and determinism, ImageFolder with a corrupt file, COCO captions, bad input."""
+import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -191,6 +193,22 @@ def test_run_main_turns_failures_into_one_line(capsys, error, code, line):
     with pytest.raises(SystemExit) as e:
         data.run_main(main, None)
     assert e.value.code == code and capsys.readouterr().err == line + "\n"
+
+
+def test_help_shows_every_default_but_none():
+    """--help gives argparse's "(default: X)" after each flag, but not "(default: None)": such a flag's own help
+    says what happens without it. Checked on a small parser and on every script's."""
+    p = argparse.ArgumentParser(formatter_class=data.HelpFormatter)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--model", default=None, help="denoiser size (default: the level's)")
+    text = " ".join(p.format_help().split())
+    assert "sampling steps (default: 50)" in text and "denoiser size (default: the level's)" in text
+    assert "None" not in text
+    for script in ("autoencoder", "evaluate", "hierarchy", "reproduce", "sample", "train"):
+        parser = importlib.import_module(script).get_parser()
+        subparsers = [a.choices.values() for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        helps = [" ".join(q.format_help().split()) for q in [parser, *(q for c in subparsers for q in c)]]
+        assert any("(default:" in h for h in helps) and not any("(default: None)" in h for h in helps), script
 
 
 def test_radical_class_by_character_or_kangxi_number(glyph_dir):

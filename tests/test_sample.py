@@ -239,6 +239,7 @@ def test_missing_level_names_the_train_command(run, tmp_path):
     (("--batch", "0"), "--batch must be >= 1"),
     (("--steps", "0"), "--steps must be >= 1"),
     (("--steps", "1001"), "more than the 1000 diffusion steps"),
+    (("--sampler", "ddim", "--eta", "1.5"), "--eta must be >= 0 and <= 1"),
 ])
 def test_bad_input(run, extra, message):
     with pytest.raises(data.UsageError, match=message):
