@@ -8,7 +8,8 @@ Implements the per-level diffusion of the paper (shared/paper.md §4-§5):
   ancestral DDPM (Ho Alg. 2), DDIM (Song et al. 2021, Eq. 12; eta=0 deterministic, eta=1 = DDPM) and
   DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), the paper's sampler (U-ViT's DPM-Solver++, 50 steps,
   paper.md §5) and our default.
-- Classifier-free guidance eps_c + w (eps_c - eps_u) (paper.md §5, U-ViT convention, w=0: no guidance).
+- Classifier-free guidance eps_c + w (eps_c - eps_u) (paper.md §5, U-ViT convention, w=0: no guidance), with one
+  weight per level (``cfg_weights``, paper §4.2).
 - What the network predicts: eps (the paper's) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022,
   §4, "v-parameterisation"; not in the paper). The eps loss weights the x0 error by the SNR, which is ~0 near
   t = T, exactly where a level's conditions decide the sample; the v loss weights it by 1 + SNR. Samplers and
@@ -28,6 +29,8 @@ from data import UsageError
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 PREDICTIONS = ("eps", "v")
+# sample.py's guidance weights without --cfg, top-down (paper §4.2: larger at the top)
+CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
 
 
 def make_betas(schedule: str, T: int = 1000) -> np.ndarray:
@@ -118,6 +121,28 @@ def guided_eps(eps_c, eps_u, w):
     """Classifier-free guidance eps_c + w (eps_c - eps_u) = (1 + w) eps_c - w eps_u, on all channels
     (paper.md §5; w = 0 is no guidance)."""
     return eps_c + w * (eps_c - eps_u)
+
+
+def cfg_weights(cfg, cond, depth, metas=None):
+    """Guidance weight of each level, top-down: one value for all, or a list (the first ``depth`` entries).
+    Without --cfg a level trained with model guidance (``metas``) gets 0: its network is guided already."""
+    w = cfg if cfg is not None else CFG_DEFAULTS[cond]
+    w = w * depth if len(w) == 1 else w
+    if len(w) < depth:
+        raise UsageError(f"--cfg gives {len(w)} weights for {depth} levels; give one, or one per level top-down")
+    if cfg is None and metas:
+        w = [0.0 if m.get("model_guidance") else x for x, m in zip(w, metas)]
+    return w[:depth]
+
+
+def check_model_guidance(w, p_uncond):
+    """UsageError unless 0 <= w < 1, and p_uncond > 0 where w > 0 (the nulls it guides away from are learnt from
+    the dropped rows)."""
+    if not 0 <= w < 1:
+        raise UsageError(f"--model-guidance must be >= 0 and < 1, got {w:g}")
+    if w and p_uncond == 0:
+        raise UsageError("--model-guidance needs --p-uncond above 0: the null conditions it guides away from "
+                         "are learnt from the rows whose conditions are dropped")
 
 
 class Diffusion:

@@ -42,7 +42,7 @@ import sample
 import train
 import train_encoder
 from denoiser import COND_PATHS, SIZES, TEXT_PATHS, native_bf16
-from diffusion import PREDICTIONS, SAMPLERS
+from diffusion import PREDICTIONS, SAMPLERS, cfg_weights, check_model_guidance
 
 PENDING = "pending.json"  # what a --defer-fid run leaves for --finish: the sample files and everything but the FIDs
 P_UNCOND = 0.1  # the paper's condition dropout (train.py --p-uncond); full, sigma, long and gpu use 0.5
@@ -174,7 +174,7 @@ def main(args):
         raise data.UsageError("--defer-fid is for an unconditional preset's sampling run; --finish then scores it")
     check_sampler(args, cfg)
     data.check_range("--p-uncond", cfg["p_uncond"], 0, 1)
-    train.check_model_guidance(args.model_guidance, cfg["p_uncond"])
+    check_model_guidance(args.model_guidance, cfg["p_uncond"])
     data.check_range("--min-crop", args.min_crop, 1)
     data.check_range("--top-channels", args.top_channels, 1)  # its upper bound, the encoder's width, comes with the cache
     resolve_encoder(args, cfg)
@@ -599,8 +599,9 @@ def slug(key, prompt=None):
 
 
 def sample_args(args, cfg, runs, key, sigmas, n, out, prompt=None):
-    """sample.py's flags for ``n`` samples of one model, unguided or with the mode's paper guidance (sample.py
-    CFG_DEFAULTS, γ = 0.3), prompted by a radical or a definition, or else random classes / held-out definitions."""
+    """sample.py's flags for ``n`` samples of one model, unguided or with the mode's paper guidance
+    (diffusion.CFG_DEFAULTS, γ = 0.3), prompted by a radical or a definition, or else random classes / held-out
+    definitions."""
     cond, depth, guided = key
     prompted = ["--class" if cond == "class" else "--prompt", prompt] if prompt is not None else []
     return ["--depth", str(depth), "--run-dir", str(runs), "--cond", cond, "--n", str(n), "--batch", "128",
@@ -630,7 +631,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
              f"the share of {cfg['n_prompt']} samples per prompt whose radical, read by a CNN trained on the "
              f"training glyphs ({accuracy:.3f} accuracy on the held-out glyphs), is the prompted one."]
     for cond in cfg["conds"]:
-        w = " ".join(f"{v:g}" for v in sample.cfg_weights(None, cond, deep))
+        w = " ".join(f"{v:g}" for v in cfg_weights(None, cond, deep))
         sig = default_sigmas(deep, cond)
         lines += ["", f"## {cond}-conditional (σ_{deep} … σ_2 = {', '.join(f'{v:g}' for v in sig)}; guidance w = {w} "
                   f"top-down, γ = 0.3)", "",

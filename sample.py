@@ -27,10 +27,7 @@ from tqdm import tqdm
 import data
 import hierarchy as H
 from denoiser import COND_PATHS, CONDS, TEXT_PATHS, load_denoiser
-from diffusion import PREDICTIONS, SAMPLERS, Diffusion
-
-CFG_DEFAULTS = {"none": [0.8], "class": [0.5, 0.4, 0.3, 0.2, 0.1], "text": [1.0]}
-
+from diffusion import PREDICTIONS, SAMPLERS, Diffusion, cfg_weights
 
 # ----------------------------------------------------------------------------------------------------
 # Finding and loading the levels of a depth-L model
@@ -121,18 +118,6 @@ def load_level(meta, device, use_ema=True):
     """(denoiser in eval mode, its Diffusion) from a level's run folder."""
     model = load_denoiser(meta, Path(meta["dir"]) / "ckpt.pt", use_ema)
     return model.to(device).eval(), Diffusion(meta["schedule"], meta["T"], meta.get("prediction", "eps"))
-
-
-def cfg_weights(cfg, cond, depth, metas=None):
-    """Guidance weight of each level, top-down: one value for all, or a list (the first ``depth`` entries).
-    Without --cfg a level trained with model guidance (``metas``) gets 0: its network is guided already."""
-    w = cfg if cfg is not None else CFG_DEFAULTS[cond]
-    w = w * depth if len(w) == 1 else w
-    if len(w) < depth:
-        raise data.UsageError(f"--cfg gives {len(w)} weights for {depth} levels; give one, or one per level top-down")
-    if cfg is None and metas:
-        w = [0.0 if m.get("model_guidance") else x for x, m in zip(w, metas)]
-    return w[:depth]
 
 
 # ----------------------------------------------------------------------------------------------------

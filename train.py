@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 import hierarchy as H
 from denoiser import COND_PATHS, CONDS, SIZES, TEXT_PATHS, build_model, count_params, load_checkpoint, save_checkpoint
-from diffusion import PREDICTIONS, SCHEDULES, Diffusion, skewed_timesteps
+from diffusion import PREDICTIONS, SCHEDULES, Diffusion, check_model_guidance, skewed_timesteps
 
 # ----------------------------------------------------------------------------------------------------
 # What a level is: its levels, its name, its model
@@ -342,16 +342,6 @@ def check_flags(args):
     if not all(0 <= b < 1 for b in args.betas):
         raise data.UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
     H.resolve_defaults(args)
-
-
-def check_model_guidance(w, p_uncond):
-    """UsageError unless 0 <= w < 1, and p_uncond > 0 where w > 0 (the nulls it guides away from are learnt from
-    the dropped rows)."""
-    if not 0 <= w < 1:
-        raise data.UsageError(f"--model-guidance must be >= 0 and < 1, got {w:g}")
-    if w and p_uncond == 0:
-        raise data.UsageError("--model-guidance needs --p-uncond above 0: the null conditions it guides away from "
-                              "are learnt from the rows whose conditions are dropped")
 
 
 def check_args(args, hier):

@@ -73,7 +73,7 @@ def test_cond_sampling_flags_follow_the_mode_and_guidance():
     assert plain[plain.index("--sigma") + 1:plain.index("--sigma") + 3] == ["0.5", "0.5"]
     assert plain[plain.index("--cond-path") + 1] == "adaln" and plain[plain.index("--n") + 1] == "64"
     guided = reproduce.sample_args(args, cfg, "runs", ("text", 1, True), [], 500, "out")
-    assert "--cfg" not in guided and "--sigma" not in guided and "--prompt" not in guided  # sample.CFG_DEFAULTS
+    assert "--cfg" not in guided and "--sigma" not in guided and "--prompt" not in guided  # diffusion.CFG_DEFAULTS
     assert guided[guided.index("--cond") + 1] == "text" and guided[guided.index("--text-path") + 1] == "adaln"
     assert "--text-path" not in plain  # a class model has no text path
     assert reproduce.slug(("class", 3, True), "金") == "class-depth3-cfg-167"

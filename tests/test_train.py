@@ -21,7 +21,7 @@ import hierarchy as H
 import sample
 import train
 from denoiser import Denoiser
-from diffusion import Diffusion
+from diffusion import Diffusion, cfg_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
@@ -596,5 +596,5 @@ def test_model_guidance_levels_are_their_own_version(workspace):
     assert [Path(m["dir"]) for m in metas] == [top.parent, guided.parent]
     assert [Path(m["dir"]) for m in sample.find_levels(workspace / "mg", 2, "none", model_guidance=0)] == \
         [top.parent, plain.parent]
-    assert sample.cfg_weights(None, "none", 2, metas) == [0.8, 0.0]  # the top level has no conditions to guide
-    assert sample.cfg_weights([0.5], "none", 2, metas) == [0.5, 0.5]
+    assert cfg_weights(None, "none", 2, metas) == [0.8, 0.0]  # the top level has no conditions to guide
+    assert cfg_weights([0.5], "none", 2, metas) == [0.5, 0.5]
