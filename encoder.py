@@ -63,13 +63,6 @@ def crop_grid(x, M):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B * M * M, C, H // M, W // M)
 
 
-def uncrop_grid(c, M):
-    """Inverse of crop_grid: (B*M*M, C, h, w) -> (B, C, M*h, M*w)."""
-    N, C, h, w = c.shape
-    c = c.reshape(N // (M * M), M, M, C, h, w)  # (B, i, j, C, h, w)
-    return c.permute(0, 3, 1, 4, 2, 5).reshape(N // (M * M), C, M * h, M * w)
-
-
 def preprocess(x, image_size, mean, std):
     """Images (B, C, H, W) in [-1, 1], C in {1, 3} -> encoder input (B, 3, S, S): grey to RGB, bicubic resize, normalise."""
     if x.shape[1] not in (1, 3):
