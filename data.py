@@ -11,6 +11,9 @@ rendered once into ``<data-dir>/glyphs-<size>.npy`` (uint8, N×H×W) and ``glyph
 
 ImageNet/ImageFolder images use ADM's centre crop (as in DiT's ``center_crop_arr``).
 
+The conventions every script shares live here too, at the bottom of the imports: a bad input is one line and
+exit code 2 (``UsageError``, ``run_main``), ``--help`` shows the defaults, results name their ``machine``.
+
     python data.py --data glyphs                      # build the glyph cache, print the count
     python data.py --data glyphs --show 64 --out grid.png
 """
@@ -79,6 +82,17 @@ def describe_os_error(e):
             errno.EACCES: "; the folder is not writable: pick another output folder or fix its permissions",
             errno.EROFS: "; the file system is read-only: pick another output folder"}.get(e.errno, "")
     return f"{e.strerror or e}{where}{hint}"
+
+
+def machine(device="cpu"):
+    """The machine a number was measured on: GPU name, or CPU model and threads; torch version."""
+    if str(device).startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def as_typed(v):
@@ -469,6 +483,13 @@ def dataset_channels(name):
     return Glyphs.channels if name == "glyphs" else _Photos.channels
 
 
+def glyph_definitions(data_dir="data"):
+    """(chars, definitions, classes) of every glyph, both splits."""
+    sets = [build_dataset("glyphs", split, 32, data_dir=data_dir) for split in ("train", "test")]
+    return ([c for s in sets for c in s.chars], [d for s in sets for d in s.captions],
+            [int(y) for s in sets for y in s.labels])
+
+
 def build_dataset(name, split="train", image_size=64, data_path=None, data_dir="data", **glyph_kw):
     """The dataset called ``name`` (one of DATASETS) at ``image_size``; split is "train" or "test"."""
     if split not in ("train", "test"):
@@ -495,6 +516,11 @@ def build_dataset(name, split="train", image_size=64, data_path=None, data_dir="
 def to_uint8(x):
     """(B, C, H, W) floats in [-1, 1] -> (B, H, W, C) uint8 (the ADM .npz layout)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def evenly_spaced_images(ds, n):
+    """``n`` images of the dataset ``ds``, spread evenly over it (``evenly_spaced``): uint8 (n, H, W, C)."""
+    return to_uint8(torch.stack([ds[i][0] for i in evenly_spaced(len(ds), n)]))  # from (n, C, H, W) in [-1, 1]
 
 
 def save_grid(images, path, nrow=8):

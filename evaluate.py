@@ -182,6 +182,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+def fid_against(images, ref, device="cpu"):
+    """FID of uint8 images N×H×W[×C] against reference statistics ``ref`` = (mu, sigma)."""
+    return frechet_distance(*feature_stats(inception_features(images, device=device)), *ref)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inputs: samples .npz, statistics .npz, data:NAME[:SPLIT] (statistics cached under cache/fid/)
 # ----------------------------------------------------------------------------------------------------
@@ -556,13 +561,6 @@ def prompt_radical(prompt, chars, definitions, radicals):
     return int(values[counts.argmax()])
 
 
-def glyph_definitions(data_dir="data"):
-    """(chars, definitions, classes) of every glyph, both splits."""
-    sets = [data.build_dataset("glyphs", split, 32, data_dir=data_dir) for split in ("train", "test")]
-    return ([c for s in sets for c in s.chars], [d for s in sets for d in s.captions],
-            [int(y) for s in sets for y in s.labels])
-
-
 def run_adherence(args):
     if (args.class_id is None) == (args.prompt is None):
         raise data.UsageError("adherence needs the prompted radical: --class 金 (or 167), or --prompt TEXT")
@@ -570,7 +568,7 @@ def run_adherence(args):
     if kind != "images":
         raise data.UsageError(f"{args.samples} holds statistics, not samples; pass a samples .npz (arr_0)")
     target = data.radical_class(args.class_id) if args.class_id is not None else \
-        prompt_radical(args.prompt, *glyph_definitions(args.data_dir))
+        prompt_radical(args.prompt, *data.glyph_definitions(args.data_dir))
     model, accuracy = radical_classifier(args.data_dir, args.ckpt_dir, args.epochs)
     share = adherence(predict_radicals(model, images), target)
     print(f"radical classifier: {accuracy:.3f} accuracy on the held-out glyphs")
@@ -596,7 +594,7 @@ def run_ink(args):
         if kind == "data":
             ds = data.build_dataset(*value, args.image_size, data_dir=args.data_dir)
             n = min(len(ds), args.max_n or len(ds))  # spread evenly, as dataset_stats does for FID
-            value = data.to_uint8(torch.stack([ds[i][0] for i in data.evenly_spaced(len(ds), n)]))
+            value = data.evenly_spaced_images(ds, n)
         ink, isolated = ink_stats(value)
         print(f"{spec}: {len(value)} images, ink {ink:.4f} of pixels, isolated {isolated:.4%} of ink pixels")
 
@@ -640,7 +638,7 @@ def run_probe(args):
         if kind != "images":
             raise data.UsageError(f"{path} holds statistics, not images; pass samples .npz files")
     ds = data.build_dataset("glyphs", "train", args.image_size, data_dir=args.data_dir)
-    real = data.to_uint8(torch.stack([ds[i][0] for i in data.evenly_spaced(len(ds), args.n)]))[..., 0]  # (n, H, W)
+    real = data.evenly_spaced_images(ds, args.n)[..., 0]  # (n, H, W)
     ref = dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, cache_dir=args.cache_dir,
                         device=args.device)
     net, accuracy = radical_classifier(args.data_dir, args.ckpt_dir)
@@ -651,22 +649,11 @@ def run_probe(args):
     print(f"{'images':<48} {'n':>5} {'FID':>8} {'FD radical':>11} {'isolated ink':>13}")
     rows = {}
     for name, images in sets:
-        fid = frechet_distance(*feature_stats(inception_features(images, device=args.device)), *ref)
+        fid = fid_against(images, ref, args.device)
         fd = frechet_distance(*feature_stats(radical_features(net, images)), *ref_radical)
         rows[name] = (fid, fd)
         print(f"{name:<48} {len(images):>5} {fid:>8.2f} {fd:>11.2f} {ink_stats(images)[1]:>13.2%}", flush=True)
     return rows
-
-
-def machine(device="cpu"):
-    """The machine a number was measured on: GPU name, or CPU model and threads; torch version."""
-    if str(device).startswith("cuda"):
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------------------------------

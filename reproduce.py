@@ -245,7 +245,7 @@ def main(args):
     state = {"precision": args.precision, "n_train": len(train_set), "n_test": len(test_set), "knn": knn,
              "kept": kept, "reused": reused, "timings": timings, "wall_s": time.time() - started, "samples": samples}
     if args.defer_fid:  # what ran where, for results.md, and the sampler --finish must be given again
-        state |= {"command": command_line(args), "machine": evaluate.machine(args.device),
+        state |= {"command": command_line(args), "machine": data.machine(args.device),
                   "sampler": sampler_of(args, cfg)}
         (out / PENDING).write_text(json.dumps(state, indent=1))
         print(f"\nsamples written, FID deferred: {out / PENDING} lists them; score them (on any machine, with the "
@@ -277,16 +277,20 @@ def sample_all(args, cfg, runs, out):
     return {"fid": fid, "baseline": baseline, "oracle": oracle}
 
 
+def held_out_stats(args, cfg):
+    """FID statistics (mu, sigma) of the preset's held-out glyphs (all of them, or its ``fid_ref`` first)."""
+    return evaluate.dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, max_n=cfg["fid_ref"],
+                                  device=args.device)
+
+
 def score(args, cfg, out, state, test_set):
     """FID of every sample set of ``state["samples"]`` against the held-out glyphs, the oracle's paired pixel
     error, and the results files."""
     t = step("FID")
-    ref = evaluate.dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, max_n=cfg["fid_ref"],
-                                 device=args.device)
+    ref = held_out_stats(args, cfg)
     samples, fids = state["samples"], {}  # (depth, σ_L … σ_2, guidance weight) -> FID
     images = {npz: np.load(npz)["arr_0"] for npz in sample_files(samples)}  # each file read once
-    fid_of = lambda npz: evaluate.frechet_distance(*evaluate.feature_stats(  # noqa: E731
-        evaluate.inception_features(images[npz], device=args.device)), *ref)
+    fid_of = lambda npz: evaluate.fid_against(images[npz], ref, args.device)  # noqa: E731
     for depth, sigmas, w, npz in samples["fid"]:
         fids[depth, tuple(sigmas), w] = fid_of(npz)
         print(f"depth {depth}, σ {sigmas}, w {w}: FID {fids[depth, tuple(sigmas), w]:.2f}")
@@ -323,7 +327,7 @@ def finish(args, cfg, out):
                               + (f" --eta {drawn[1]:g}" if drawn[0] == "ddim" else "") + "; pass the same")
     args.precision = state["precision"]
     test_set = data.build_dataset("glyphs", "test", args.image_size, data_dir=args.data_dir)
-    state["machine"] += f"; FID afterwards (--finish) on {evaluate.machine(args.device)}"
+    state["machine"] += f"; FID afterwards (--finish) on {data.machine(args.device)}"
     score(args, cfg, out, state, test_set)
 
 
@@ -408,8 +412,7 @@ def reused_levels(before, used):
 def reference_images(test_set, n):
     """The ``n`` held-out glyphs that ``sample.py --reference data:glyphs:test --n n`` resamples, as its .npz
     stores them: uint8 (n, H, W, 3)."""
-    x = torch.stack([test_set[i][0] for i in data.evenly_spaced(len(test_set), n)])  # (n, 1, H, W)
-    return np.repeat(data.to_uint8(x), 3, -1)
+    return np.repeat(data.evenly_spaced_images(test_set, n), 3, -1)
 
 
 def clean_sigmas(depth):
@@ -462,7 +465,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
                   unconditional=None, command=None, machine=None):
     """results.md (the tables the README quotes) and results.json from one run (``command`` and ``machine``: what
     ran where, by default this command on this machine)."""
-    command, machine = command or command_line(args), machine or evaluate.machine(args.device)
+    command, machine = command or command_line(args), machine or data.machine(args.device)
     layout = {"vae": "glyphs-vae", "pixels": "glyphs" if args.image_size == IMAGE_SIZE else f"glyphs-{args.image_size}"}[
         args.image_space]
     gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], layout, [d], args.cond_path, args.top_channels))
@@ -555,20 +558,18 @@ def conditional(args, cfg, out, runs, timings, started):
 
     t = step("radical classifier")
     classifier, accuracy = evaluate.radical_classifier(args.data_dir)
-    targets = prompt_targets(evaluate.glyph_definitions(args.data_dir))
+    targets = prompt_targets(data.glyph_definitions(args.data_dir))
     print(f"held-out accuracy {accuracy:.3f}")
     timings["classifier"] = time.time() - t
 
     t = step("sampling, FID and adherence")
-    ref = evaluate.dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, max_n=cfg["fid_ref"],
-                                 device=args.device)
+    ref = held_out_stats(args, cfg)
     fids, shares = {}, {}  # (mode, depth, guided) -> FID; (mode, depth, guided, prompt) -> adherence
     for cond, depth, sigmas in cond_models(cfg):
         for guided in (False, True):
             key = cond, depth, guided
             npz = sample_cond(args, cfg, runs, key, sigmas, cfg["n_samples"], runs / "samples" / slug(key))
-            feats = evaluate.inception_features(np.load(npz)["arr_0"], device=args.device)
-            fids[key] = evaluate.frechet_distance(*evaluate.feature_stats(feats), *ref)
+            fids[key] = evaluate.fid_against(np.load(npz)["arr_0"], ref, args.device)
             for prompt in PROMPTS[cond]:
                 folder = runs / "samples" / slug(key, prompt)
                 npz = sample_cond(args, cfg, runs, key, sigmas, cfg["n_prompt"], folder, prompt)
@@ -622,7 +623,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
     guidance, then the adherence of each prompt."""
     deep = max(cfg["depths"])
     lines = [f"# Glyph reproduction, preset `{args.preset}`: class- and text-conditional models", "",
-             f"Command: `{command_line(args)}` — machine: {evaluate.machine(args.device)}, {args.precision} — "
+             f"Command: `{command_line(args)}` — machine: {data.machine(args.device)}, {args.precision} — "
              f"wall time {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", "",
              f"Denoisers: size {cfg['model']}, {cfg['steps']} steps per level at batch {cfg['batch']}, condition path "
              f"`{args.cond_path}`, text path `{args.text_path}`; DPM-Solver++(2M), {cfg['sample_steps']} steps per "
@@ -655,7 +656,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
         "adherence": [{"cond": c, "depth": d, "guided": g, "prompt": p, "radical": targets[c, p] + 1, "share": v}
                       for (c, d, g, p), v in shares.items()],
         "classifier_accuracy": accuracy, "cond_path": args.cond_path, "text_path": args.text_path, "timings_s": timings,
-        "machine": evaluate.machine(args.device)}, indent=1, ensure_ascii=False))
+        "machine": data.machine(args.device)}, indent=1, ensure_ascii=False))
     print("\n" + "\n".join(lines))
 
 

@@ -23,7 +23,7 @@ import hierarchy as H  # noqa: E402
 from denoiser import Denoiser  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from encoder import Encoder  # noqa: E402
-from evaluate import machine  # noqa: E402
+from data import machine  # noqa: E402
 
 
 def sd_vae():

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hierarchy as H  # noqa: E402
 import sample  # noqa: E402
-from data import UsageError, run_main  # noqa: E402
+from data import UsageError, machine, run_main  # noqa: E402
 from denoiser import COND_PATHS, SIZES, Denoiser  # noqa: E402
 from diffusion import SAMPLERS, Diffusion  # noqa: E402
-from evaluate import LAYOUTS, cost_table, machine  # noqa: E402
+from evaluate import LAYOUTS, cost_table  # noqa: E402
 
 
 def glyph_levels(depth, size, device, cond_path="tokens"):

@@ -20,10 +20,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import UsageError, run_main  # noqa: E402
+from data import UsageError, machine, run_main  # noqa: E402
 from denoiser import SIZES, Denoiser, count_params, flop_counter  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-from evaluate import machine  # noqa: E402
 
 
 def sync(device):

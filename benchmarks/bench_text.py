@@ -28,7 +28,6 @@ import hierarchy as H  # noqa: E402
 from denoiser import SIZES, Denoiser  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from encoder import Encoder  # noqa: E402
-from evaluate import machine  # noqa: E402
 
 IMAGE_SHAPE, IMAGE_PATCH = (1, 32, 32), 4  # the glyph image level (reproduce.py)
 
@@ -72,7 +71,7 @@ def main(args):
     generator = torch.Generator().manual_seed(0)
     levels = H.level_specs(args.depth, encoder.dim, IMAGE_SHAPE, IMAGE_PATCH)
     totals = {"class": 0.0, "text": 0.0, "adaln": 0.0, "uncached": 0.0}
-    print(f"machine: {machine(torch.device('cpu'))}")
+    print(f"machine: {data.machine(torch.device('cpu'))}")
     print(f"denoiser {args.size}, batch {args.batch}, depth {args.depth}; text tower: glyph-clip, context "
           f"{encoder.text_shape[0]} x {encoder.text_shape[1]}, pooled {encoder.dim}; {len(captions)} distinct definitions, "
           f"caption cache filled in {fill[False]:.1f} s (token states), {fill[True]:.1f} s (pooled; once per training run)")

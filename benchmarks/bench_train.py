@@ -34,10 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hierarchy as H  # noqa: E402
 import train  # noqa: E402
-from data import UsageError, run_main  # noqa: E402
+from data import UsageError, machine, run_main  # noqa: E402
 from denoiser import count_params  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-from evaluate import machine  # noqa: E402
 
 
 def sync(device):
