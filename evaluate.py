@@ -86,6 +86,12 @@ def load_inception(device="cpu"):
         return torch.jit.load(inception_path(), map_location=device).eval()
 
 
+def inception_batch(device):
+    """Images per Inception forward by default: 8 on a CPU (12.2 against 9.4-10.3 images/s at 50 on the AMD
+    EPYC's 2 cores, the same features to the bit), 50 (pytorch-fid's) on a GPU."""
+    return 8 if torch.device(device).type == "cpu" else 50
+
+
 def check_images(images, where="images"):
     """Raise a UsageError unless ``images`` is uint8 N×H×W or N×H×W×C with C in {1, 3} (ADM's layout)."""
     if images.dtype != np.uint8 and images.dtype != torch.uint8:
@@ -115,13 +121,14 @@ def preprocess(x):
 
 
 @torch.inference_mode()
-def inception_features(images, batch_size=50, device="cpu", progress=True, total=None):
+def inception_features(images, batch_size=None, device="cpu", progress=True, total=None):
     """Pool3 features (N, 2048) float64 of ``images``: a uint8 array N×H×W[×C] (cut into batches of
-    ``batch_size``) or any iterable of batches (uint8 N×H×W[×C], or float (B, C, H, W) in [-1, 1]).
+    ``batch_size``, default ``inception_batch``) or any iterable of batches (uint8 N×H×W[×C], or float (B, C, H, W)
+    in [-1, 1]).
     ``total`` (number of images) only sizes the progress bar."""
     if isinstance(images, (np.ndarray, torch.Tensor)):
         check_images(images)
-        array, total = images, len(images)
+        array, total, batch_size = images, len(images), batch_size or inception_batch(device)
         images = (array[i:i + batch_size] for i in range(0, total, batch_size))
     net = load_inception(str(device))
     feats = []
@@ -333,7 +340,7 @@ def run_conditions(args):
 
 
 def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="data", max_n=None,
-                  cache_dir="cache/fid", batch_size=50, device="cpu", num_workers=0, progress=True):
+                  cache_dir="cache/fid", batch_size=None, device="cpu", num_workers=0, progress=True):
     """FID statistics (mu, sigma) of a dataset (``data.build_dataset``), computed once and then read from
     the cache. ``max_n`` images are spread evenly over the dataset (sorted folders put classes in blocks,
     so the first n would be a few classes only); None uses all."""
@@ -344,7 +351,8 @@ def dataset_stats(name, split="train", image_size=64, data_path=None, data_dir="
         return read_npz(path)[1]
     ds = ds or data.build_dataset(name, split, image_size, data_path, data_dir)
     n = len(ds) if max_n is None else min(max_n, len(ds))
-    loader = DataLoader(Subset(ds, data.evenly_spaced(len(ds), n)), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(Subset(ds, data.evenly_spaced(len(ds), n)), batch_size=batch_size or inception_batch(device),
+                        num_workers=num_workers)
     feats = inception_features((x for x, _, _ in loader), device=device, progress=progress, total=n)
     mu, sigma = feature_stats(feats)
     save_stats(path, mu, sigma, n=n, dataset=name, split=split, image_size=image_size, glyph_set=glyph_set or "")
@@ -675,7 +683,9 @@ def get_parser():
     f.add_argument("--data-dir", default="data", help="where the glyph cache lives")
     f.add_argument("--max-n", type=int, default=None, help="at most this many images of a data: set (default all)")
     f.add_argument("--cache-dir", default="cache/fid", help="where data: statistics are cached")
-    f.add_argument("--batch-size", type=int, default=50, help="images per Inception forward")
+    f.add_argument("--batch-size", type=int, default=None,
+                   help="images per Inception forward (default: 8 on a CPU, faster there than 50 and the same features; "
+                        "50 on a GPU)")
     f.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for data: sets (raise for JPEGs)")
     f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     f.set_defaults(func=run_fid)

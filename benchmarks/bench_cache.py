@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hierarchy as H  # noqa: E402
+from data import machine  # noqa: E402
 from denoiser import Denoiser  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from encoder import Encoder  # noqa: E402
-from data import machine  # noqa: E402
 
 
 def sd_vae():
