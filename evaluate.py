@@ -87,8 +87,8 @@ def load_inception(device="cpu"):
 
 
 def inception_batch(device):
-    """Images per Inception forward by default: 8 on a CPU (12.2 against 9.4-10.3 images/s at 50 on the AMD
-    EPYC's 2 cores, the same features to the bit), 50 (pytorch-fid's) on a GPU."""
+    """Images per Inception forward by default: 8 on a CPU (13.2 against 9.4 images/s at 50 on the AMD EPYC's
+    2 cores, the same features to the bit: benchmarks/bench_fid.py), 50 (pytorch-fid's) on a GPU."""
     return 8 if torch.device(device).type == "cpu" else 50
 
 
