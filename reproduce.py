@@ -278,7 +278,8 @@ def sample_all(args, cfg, runs, out):
 
 
 def held_out_stats(args, cfg):
-    """FID statistics (mu, sigma) of the preset's held-out glyphs (all of them, or its ``fid_ref`` first)."""
+    """FID statistics (mu, sigma) of the preset's held-out glyphs: all of them, or ``fid_ref`` spread evenly
+    over them."""
     return evaluate.dataset_stats("glyphs", "test", args.image_size, data_dir=args.data_dir, max_n=cfg["fid_ref"],
                                   device=args.device)
 
