@@ -467,6 +467,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
     """results.md (the tables the README quotes) and results.json from one run (``command`` and ``machine``: what
     ran where, by default this command on this machine)."""
     command, machine = command or command_line(args), machine or data.machine(args.device)
+    sampler, eta = sampler_of(args, cfg)
     layout = {"vae": "glyphs-vae", "pixels": "glyphs" if args.image_size == IMAGE_SIZE else f"glyphs-{args.image_size}"}[
         args.image_space]
     gmacs = {d: sum(g for *_, g in evaluate.cost_table(cfg["model"], layout, [d], args.cond_path, args.top_channels))
@@ -532,7 +533,7 @@ def write_results(out, args, cfg, n_train, n_test, knn, kept, fids, oracle, reus
         "encoder": args.encoder, "encoder_weights": encoder_weights(args), "image_space": args.image_space,
         "cond_path": args.cond_path, "prediction": args.prediction, "precision": args.precision, "gmacs": gmacs,
         "p_uncond": cfg["p_uncond"], "top_channels": args.top_channels, "model_guidance": args.model_guidance,
-        "sampler": sampler_of(args, cfg)[0], "eta": sampler_of(args, cfg)[1], "knn": knn, "reused": reused,
+        "sampler": sampler, "eta": eta, "knn": knn, "reused": reused,
         "timings_s": timings, "machine": machine},
         indent=1))
     print("\n" + "\n".join(lines))
