@@ -11,7 +11,7 @@ with σ_2 ∈ {0, 0.5, 1}, the upper σ at the paper's unconditional values).
 Every number it writes comes from this run; rerunning the same preset regenerates them (within noise:
 CPU float reductions and thread timing aside, all randomness is seeded).
 
-    python reproduce.py --preset quick     # depths 1 and 4, ~18 min on 2 CPU cores (make demo; README)
+    python reproduce.py --preset quick     # depths 1 and 4, ~16 min on 2 CPU cores (make demo; README)
     python reproduce.py --preset full      # the README's results (see README for its wall time)
     python reproduce.py --preset sigma     # after full: Table 1's σ_2 sweep on its levels
     python reproduce.py --preset long      # depths 1 and 3 with 2x the image-level training
@@ -665,7 +665,7 @@ def write_cond_results(out, args, cfg, fids, shares, targets, accuracy, timings,
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick: ~17 min demo, depths 1 and 4; full: depths 1-3, guidance, oracle and the 1* baseline; sigma: "
+                   help="quick: ~16 min demo, depths 1 and 4; full: depths 1-3, guidance, oracle and the 1* baseline; sigma: "
                         "Table 1's σ_2 sweep and the clean (σ = 0) depth 3 on full's levels; long: full's "
                         "depths 1 and 3 with twice the image-level steps; quick-long: the same for quick at depths 1 "
                         "and 3 (seed its run folder with a copy of quick's); recon: quick's levels at depths 1 and 5 "
